@@ -1,0 +1,1370 @@
+# %% [markdown]
+# # GRPO from scratch: Qwen2.5-1.5B-Instruct on GSM8K
+#
+# One linear file: prompt format, GSM8K, answer extraction, rewards, a hand-written GRPO loss
+# with clipping and a KL penalty, a data-parallel training loop, and greedy evaluation on the
+# GSM8K test split before and after training. Run it with `python grpo_from_scratch.py` (all
+# visible GPUs through nn.DataParallel) or `torchrun --nproc_per_node N grpo_from_scratch.py`
+# (DistributedDataParallel). Every flag is a field of `Config` below; `--help` lists them.
+
+# %% 1. Setup: imports, config, validation, seeding, device, dtype, attention
+import copy
+import json
+import math
+import os
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+
+
+@dataclass
+class Config:
+    # Model and data. Hub names are the defaults; local paths work offline.
+    model_name_or_path: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Hub id or local folder of the policy model."})
+    dataset_name: str = field(default="openai/gsm8k", metadata={"help": "Hub dataset used when --train_file/--eval_file are not given."})
+    dataset_config: str = field(default="main", metadata={"help": "Configuration of the hub dataset."})
+    train_file: str | None = field(default=None, metadata={"help": "Local jsonl with 'question' and 'answer' (GSM8K format, '#### <number>'), replacing the hub train split."})
+    eval_file: str | None = field(default=None, metadata={"help": "Local jsonl like --train_file, replacing the hub test split."})
+    num_eval_examples: int = field(default=0, metadata={"help": "Evaluate on the first N test questions; 0 = the whole test split (1,319)."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Questions per greedy generate call, per GPU."})
+    eval_max_new_tokens: int = field(default=512, metadata={"help": "Token budget of an evaluation answer."})
+    # The GRPO recipe. Defaults are the tutorial's, so results compare.
+    num_iterations: int = field(default=1, metadata={"help": "Outer iterations; the reference model is refreshed from the policy at the start of each."})
+    num_steps: int = field(default=500, metadata={"help": "Rollout batches per iteration."})
+    batch_size: int = field(default=7, metadata={"help": "Prompts per step, per process (under torchrun each rank takes this many)."})
+    num_generations: int = field(default=12, metadata={"help": "Completions sampled per prompt (the GRPO group size)."})
+    max_completion_length: int = field(default=400, metadata={"help": "Token budget of a training completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts; training logits are divided by it too."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate (constant)."})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping norm."})
+    beta: float = field(default=0.04, metadata={"help": "KL penalty weight; 0 loads no reference model at all."})
+    epsilon: float = field(default=0.1, metadata={"help": "Lower clipping range: the ratio is clipped at 1 - epsilon."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping range (1 + epsilon_high); unset = epsilon."})
+    mu: int = field(default=1, metadata={"help": "Optimizer updates per rollout batch; 1 = on-policy, no old-policy forward."})
+    loss_type: str = field(default="grpo", metadata={"help": "Token aggregation: grpo (mean of sequence means), bnpo (mean over tokens), dr_grpo (sum / (sequences x max_completion_length))."})
+    scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (False: Dr. GRPO's r - mean)."})
+    reward_funcs: str = field(default="correctness,format", metadata={"help": "Comma list from REWARD_FUNCS; the TRL demo set is exact_match,integer,strict_format,soft_format,xml_count."})
+    # Memory and speed.
+    micro_batch_size: int = field(default=12, metadata={"help": "Sequences per forward/backward chunk, per GPU; gradients accumulate over chunks."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the loss pass (never during generation)."})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 if flash-attn imports on CUDA, else sdpa), flash_attention_2, sdpa or eager."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPUs that support it, else float32), bfloat16 or float32. float16 is refused: Qwen2.5 overflows in it."})
+    # Run bookkeeping.
+    seed: int = field(default=42, metadata={"help": "Seed of python, numpy and torch, and of the prompt order."})
+    output_dir: str = field(default="outputs", metadata={"help": "Parent folder of run folders."})
+    run_name: str | None = field(default=None, metadata={"help": "Run folder name; unset = <model>-grpo-<date-time>."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run named by --run_name (or the newest run with a checkpoint) from its last checkpoint."})
+    save_steps: int = field(default=50, metadata={"help": "Write a checkpoint every N steps (and on interrupt)."})
+    log_completions_steps: int = field(default=25, metadata={"help": "Log sample completions every N steps."})
+    report_to: str = field(default="wandb", metadata={"help": "wandb or none. Without a wandb login the run logs offline."})
+    wandb_project: str = field(default="grpo-from-scratch", metadata={"help": "wandb project name."})
+
+
+class ConfigError(Exception):
+    """Bad input: main prints it as one line and exits with status 2."""
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+# Flags that may differ between a run and its --resume without changing the result.
+RESUME_MAY_CHANGE = {"resume", "run_name", "report_to", "wandb_project", "save_steps", "log_completions_steps", "eval_batch_size"}
+
+
+def validate_config(cfg: Config) -> None:
+    """Refuse impossible settings before anything heavy loads; each message names its flag."""
+    positive = ["num_iterations", "num_steps", "batch_size", "max_completion_length", "eval_batch_size",
+                "eval_max_new_tokens", "micro_batch_size", "save_steps", "log_completions_steps", "mu"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    checks = [
+        (cfg.num_generations >= 2, f"--num_generations must be >= 2: a group of one has no relative advantage (got {cfg.num_generations})"),
+        (cfg.num_eval_examples >= 0, f"--num_eval_examples must be >= 0, 0 = all (got {cfg.num_eval_examples})"),
+        (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
+        (cfg.learning_rate > 0, f"--learning_rate must be > 0 (got {cfg.learning_rate})"),
+        (cfg.max_grad_norm > 0, f"--max_grad_norm must be > 0 (got {cfg.max_grad_norm})"),
+        (cfg.beta >= 0, f"--beta must be >= 0 (got {cfg.beta})"),
+        (cfg.epsilon > 0, f"--epsilon must be > 0 (got {cfg.epsilon})"),
+        (cfg.epsilon_high is None or cfg.epsilon_high >= cfg.epsilon,
+         f"--epsilon_high must be >= --epsilon ({cfg.epsilon}) (got {cfg.epsilon_high})"),
+        (cfg.loss_type in LOSS_TYPES, f"--loss_type must be one of {', '.join(LOSS_TYPES)} (got {cfg.loss_type!r})"),
+        (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
+         f"--attn_implementation must be auto, flash_attention_2, sdpa or eager (got {cfg.attn_implementation!r})"),
+        (cfg.dtype != "float16", "--dtype float16 is refused: Qwen2.5 overflows in fp16 and emits '!!!!'; use bfloat16 or float32"),
+        (cfg.dtype in ("auto", "bfloat16", "float32", "float16"), f"--dtype must be auto, bfloat16 or float32 (got {cfg.dtype!r})"),
+        (cfg.report_to in ("wandb", "none"), f"--report_to must be wandb or none (got {cfg.report_to!r})"),
+        (cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
+         f"--run_name must be a plain folder name (got {cfg.run_name!r})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    unknown = [name for name in cfg.reward_funcs.split(",") if name.strip() not in REWARD_FUNCS]
+    if unknown or not cfg.reward_funcs.strip():
+        raise ConfigError(f"--reward_funcs: unknown {unknown or [cfg.reward_funcs]}; choose from {', '.join(REWARD_FUNCS)}")
+    for flag in ("train_file", "eval_file"):
+        path = getattr(cfg, flag)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--{flag} {path}: no such file")
+    model_path = Path(cfg.model_name_or_path).expanduser()
+    looks_local = model_path.exists() or cfg.model_name_or_path.startswith((".", "/", "~")) or cfg.model_name_or_path.count("/") != 1
+    if looks_local and not (model_path / "config.json").is_file():
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: not a model folder (no config.json) and not a hub id like Qwen/Qwen2.5-1.5B-Instruct")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+# Distributed mode comes from the environment, as in nanoGPT: torchrun sets RANK, WORLD_SIZE and
+# LOCAL_RANK. Under torchrun each process drives one device; otherwise one process drives all
+# visible GPUs through nn.DataParallel (on CPU both wrappers are pass-throughs).
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Returns (rank, world_size, device) and joins the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    return rank, world_size, device
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp32; never fp16 (Qwen2.5 overflows in it)."""
+    if cfg.dtype == "float32":
+        return torch.float32
+    if cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def resolve_attention(cfg: Config, device: torch.device) -> str:
+    """flash_attention_2 when flash-attn imports and we are on CUDA, else PyTorch SDPA."""
+    if cfg.attn_implementation != "auto":
+        if cfg.attn_implementation == "flash_attention_2" and (device.type != "cuda" or not flash_attn_available()):
+            raise ConfigError("--attn_implementation flash_attention_2 needs a CUDA GPU and the flash-attn package (see README); use sdpa")
+        return cfg.attn_implementation
+    return "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "sdpa"
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# %% 2. Prompt format and answer extraction
+# The model is asked to think inside <reasoning> tags and put the final number inside <answer>
+# tags. Prompts go through the tokenizer's own chat template (system + user turn, then the
+# assistant header), exactly what Qwen2.5-Instruct saw in training. Answers are compared as
+# numbers, so "1,350", "$1350." and "\boxed{1350}" all mean 1350.
+SYSTEM_PROMPT = """Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>"""
+
+
+def build_prompt(question: str, tokenizer) -> str:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def extract_answer_from_dataset(text: str) -> str | None:
+    """GSM8K solutions end with '#### <answer>'."""
+    if "####" not in text:
+        return None
+    return text.split("####")[-1].strip()
+
+
+def extract_answer_from_model_output(text: str) -> str | None:
+    """Stripped content of the last complete <answer>...</answer> block, or None."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, end) if end != -1 else -1
+    if start == -1:
+        return None
+    return text[start + len("<answer>"):end].strip()
+
+
+# A number is an optional minus sign (not glued to a word), digits with optional thousands
+# commas, an optional decimal part, and an optional "/denominator".
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+)?")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def parse_number(text: str | None) -> float | None:
+    """The number an answer string denotes (the last one when several appear), or None."""
+    if text is None:
+        return None
+    boxed = _BOXED.findall(text)
+    if boxed:
+        text = boxed[-1]
+    candidates = [m for m in _NUMBER.findall(text) if any(ch.isdigit() for ch in m)]
+    if not candidates:
+        return None
+    number = candidates[-1].replace(",", "").replace(" ", "")
+    numerator, _, denominator = number.partition("/")
+    try:
+        value = float(numerator)
+        if denominator:
+            value = value / float(denominator) if float(denominator) != 0 else None
+    except ValueError:
+        return None
+    return value
+
+
+def numbers_equal(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+# %% 3. GSM8K loading
+# The train split (7,473 questions) feeds RL; the test split (1,319) is only ever evaluated.
+# Hub loading is the default; --train_file/--eval_file read local jsonl for offline runs, and
+# every row is checked for a question and a '####' answer, reporting the file and line number.
+def load_gsm8k(split: str, tokenizer, dataset_name: str = "openai/gsm8k", dataset_config: str = "main",
+               local_file: str | None = None, flag: str = "--train_file") -> list[dict]:
+    """List of {"question", "prompt", "answer"}; answer is the gold string after '####'."""
+    if local_file is not None:
+        rows = read_jsonl_rows(local_file, flag)
+    else:
+        try:
+            from datasets import load_dataset
+            rows = list(load_dataset(dataset_name, dataset_config, split=split))
+        except Exception as error:  # offline, wrong name, missing split
+            raise ConfigError(f"--dataset_name {dataset_name}: could not load split {split!r} "
+                              f"({type(error).__name__}); offline, pass --train_file and --eval_file") from error
+    return [{"question": row["question"], "prompt": build_prompt(row["question"], tokenizer),
+             "answer": extract_answer_from_dataset(row["answer"])} for row in rows]
+
+
+def read_jsonl_rows(path: str, flag: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{flag} {path}: line {line_number} is not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+                raise ConfigError(f"{flag} {path}: line {line_number} has no 'question' string")
+            if not isinstance(row.get("answer"), str) or "####" not in row["answer"]:
+                raise ConfigError(f"{flag} {path}: line {line_number} has no 'answer' ending in '#### <number>'")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"{flag} {path}: no rows")
+    return rows
+
+
+def drop_overlong_prompts(examples: list[dict], tokenizer, max_total_length: int, budget: int, name: str) -> list[dict]:
+    """Skip (and count) prompts that leave no room for a `budget`-token answer in the context window."""
+    limit = max_total_length - budget
+    kept = [ex for ex in examples if len(tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]) <= limit]
+    if len(kept) < len(examples) and is_main_process():
+        print(f"warning: skipped {len(examples) - len(kept)} {name} prompts longer than {limit} tokens "
+              f"(context {max_total_length} minus {budget} new tokens)")
+    if not kept:
+        raise ConfigError(f"every {name} prompt is longer than {limit} tokens; lower the new-token budget")
+    return kept
+
+
+# %% Shared helpers for generation
+# Qwen2.5-Instruct ends a turn with <|im_end|> but may also emit <|endoftext|>; stopping on only
+# one lets completions run on into invented turns. Decoding settings are passed explicitly every
+# time so the model's generation_config (top_k 20, top_p 0.8, repetition penalty 1.1 for Qwen)
+# never leaks in: the sampled distribution must be exactly softmax(logits / temperature).
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.append(token_id)
+    return sorted({i for i in ids if i is not None})
+
+
+def decoding_kwargs(tokenizer, max_new_tokens: int, temperature: float | None) -> dict:
+    """generate() settings: greedy when temperature is None, else plain sampling at that temperature
+    (top_k=0 and top_p=1.0 switch those filters off; None would let the model's defaults back in)."""
+    common = dict(repetition_penalty=1.0, max_new_tokens=max_new_tokens, use_cache=True,
+                  eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if temperature is None:
+        return dict(do_sample=False, **common)
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
+
+
+class BatchGenerator(nn.Module):
+    """Runs generate() on its slice of the prompts and pads the completions to a fixed width, so
+    nn.DataParallel can hand each GPU a slice and gather the pieces."""
+
+    def __init__(self, model: nn.Module, generate_kwargs: dict):
+        super().__init__()
+        self.model = model
+        self.generate_kwargs = generate_kwargs
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **self.generate_kwargs)
+        completion = output[:, prompt_ids.shape[1]:]
+        width = self.generate_kwargs["max_new_tokens"]
+        return F.pad(completion, (0, width - completion.shape[1]), value=self.generate_kwargs["pad_token_id"])
+
+
+def data_parallel(module: nn.Module) -> nn.Module:
+    """nn.DataParallel over every visible GPU (a pass-through on CPU). Under torchrun each process
+    owns one GPU already, so no wrapper."""
+    return module if dist.is_initialized() else nn.DataParallel(module)
+
+
+def gpus_per_process() -> int:
+    """GPUs that share each call through data_parallel(), so batch sizes can be given per GPU."""
+    return torch.cuda.device_count() if torch.cuda.is_available() and not dist.is_initialized() else 1
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Generation runs in eval mode: gradient checkpointing is inactive there, so the KV cache works."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list[str], temperature: float | None, max_new_tokens: int) -> dict:
+    """Batched, left-padded generation through DataParallel. Returns prompt_ids/prompt_mask
+    (left-padded), completion_ids/completion_mask (trimmed to the longest completion),
+    completions (decoded text), lengths and truncated (hit the budget without a stop token)."""
+    generator = data_parallel(BatchGenerator(model, decoding_kwargs(tokenizer, max_new_tokens, temperature)))
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    with eval_mode(model):
+        completion_ids = generator(prompt_ids, prompt_mask).to(device)
+    stop_ids = stop_token_ids(tokenizer)
+    completion_mask = create_completion_mask(completion_ids, stop_ids)
+    lengths = completion_mask.sum(1)
+    truncated = ~torch.isin(completion_ids, torch.tensor(stop_ids, device=device)).any(1)
+    width = int(lengths.max())
+    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
+    texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths.tolist())],
+                                   skip_special_tokens=True)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, completions=texts, lengths=lengths, truncated=truncated)
+
+
+# %% 4. Evaluation
+# Greedy decoding (do_sample=False, set explicitly) on the held-out test split, batched with left
+# padding and prompts sorted by length so batches carry little padding. "accuracy" is lenient
+# (the <answer> block, else the last number of the completion); "strict_accuracy" counts only an
+# answer inside the tags. Under torchrun each rank evaluates a shard and the records are gathered.
+def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 512,
+                   desc: str = "eval") -> dict:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = list(range(rank, len(examples), world))
+    shard.sort(key=lambda i: -len(examples[i]["prompt"]))
+    records, batch_size = [], batch_size * gpus_per_process()
+    for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=not is_main_process(), leave=False):
+        batch = [examples[i] for i in shard[start:start + batch_size]]
+        out = generate_completions(model, tokenizer, [ex["prompt"] for ex in batch], None, max_new_tokens)
+        for i, ex, completion, truncated in zip(shard[start:], batch, out["completions"], out["truncated"].tolist()):
+            records.append(score_answer(i, ex, completion, truncated))
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    records.sort(key=lambda r: r["index"])
+    n = len(records)
+    mean = lambda key: sum(r[key] for r in records) / max(n, 1)  # noqa: E731
+    return {"accuracy": mean("correct"), "strict_accuracy": mean("strict_correct"), "format_rate": mean("formatted"),
+            "truncation_rate": mean("truncated"), "n": n, "records": records}
+
+
+def score_answer(index: int, example: dict, completion: str, truncated: bool) -> dict:
+    tagged = extract_answer_from_model_output(completion)
+    gold = parse_number(example["answer"])
+    return {"index": index, "question": example["question"], "gold": example["answer"], "completion": completion,
+            "extracted": tagged, "correct": numbers_equal(parse_number(tagged if tagged is not None else completion), gold),
+            "strict_correct": numbers_equal(parse_number(tagged), gold),
+            "formatted": format_reward([completion])[0] == 0.8, "truncated": bool(truncated)}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of a proportion (Wilson score; sane at 0% and 100%)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# %% 5. Reward functions
+# Each takes the decoded completions and the gold answers (one per completion) and returns one
+# float per completion. The default pair is the tutorial's: correctness (2.0 exact string, 1.5
+# same number) plus format (0.2 per tag that appears exactly once). The other five reproduce the
+# TRL GRPO demo, with DOTALL and optional trailing whitespace so they can actually fire on
+# multi-line answers that end at the stop token.
+FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+
+
+def correctness_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """2.0 if the <answer> text equals the gold string, 1.5 if it denotes the same number, else 0."""
+    rewards = []
+    for completion, gold in zip(completions, answers):
+        extracted = extract_answer_from_model_output(completion)
+        if extracted is not None and extracted == gold:
+            rewards.append(2.0)
+        elif numbers_equal(parse_number(extracted), parse_number(gold)):
+            rewards.append(1.5)
+        else:
+            rewards.append(0.0)
+    return rewards
+
+
+def format_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
+    """0.2 for each of the four tags that appears exactly once (max 0.8)."""
+    return [0.2 * sum(completion.count(tag) == 1 for tag in FORMAT_TAGS) for completion in completions]
+
+
+def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
+    return [c + f for c, f in zip(correctness_reward(completions, answers), format_reward(completions))]
+
+
+def exact_match_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """TRL demo: 2.0 when the <answer> text equals the gold string exactly."""
+    return [2.0 if extract_answer_from_model_output(c) == gold else 0.0 for c, gold in zip(completions, answers)]
+
+
+def integer_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
+    """TRL demo: 0.5 when the <answer> text is a bare non-negative integer."""
+    return [0.5 if (extract_answer_from_model_output(c) or "").isdigit() else 0.0 for c in completions]
+
+
+_STRICT_FORMAT = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\s*", re.DOTALL)
+_SOFT_FORMAT = re.compile(r"\s*<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def strict_format_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
+    """TRL demo: 0.5 when the whole completion is exactly the newline-separated tag layout."""
+    return [0.5 if _STRICT_FORMAT.fullmatch(c) else 0.0 for c in completions]
+
+
+def soft_format_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
+    """TRL demo: 0.5 when the completion starts with a reasoning block followed by an answer block."""
+    return [0.5 if _SOFT_FORMAT.match(c) else 0.0 for c in completions]
+
+
+def xml_count_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
+    """TRL demo: 0.125 per newline-delimited tag seen exactly once, minus 0.001 per character after the answer."""
+    rewards = []
+    for text in completions:
+        score = 0.125 * (text.count("<reasoning>\n") == 1) + 0.125 * (text.count("\n</reasoning>\n") == 1)
+        if text.count("\n<answer>\n") == 1:
+            score += 0.125 - len(text.split("\n</answer>\n")[-1]) * 0.001
+        if text.count("\n</answer>") == 1:
+            score += 0.125 - (len(text.split("\n</answer>")[-1]) - 1) * 0.001
+        rewards.append(score)
+    return rewards
+
+
+REWARD_FUNCS = {
+    "correctness": correctness_reward, "format": format_reward,
+    "exact_match": exact_match_reward, "integer": integer_reward, "strict_format": strict_format_reward,
+    "soft_format": soft_format_reward, "xml_count": xml_count_reward,
+}
+
+
+def score_completions(reward_funcs: dict, completions: list[str], answers: list[str]) -> torch.Tensor:
+    """Rewards as a [completions, functions] float tensor, columns in the order of reward_funcs."""
+    columns = [torch.tensor(func(completions, answers), dtype=torch.float32) for func in reward_funcs.values()]
+    return torch.stack(columns, dim=1)
+
+
+# %% 6. GRPO from scratch: log-probs, masks, advantages, loss
+# selective_log_softmax gives log p(token) = logit[token] - logsumexp(logits) in fp32, a few rows
+# at a time, so no full-vocabulary fp32 copy of the batch ever exists (151,936 columns for Qwen);
+# its backward recomputes softmax chunk by chunk from the saved bf16 logits.
+LOGSUMEXP_CHUNK_ELEMENTS = 1 << 24  # ~64 MB of fp32 per chunk
+
+
+def _row_chunks(logits: torch.Tensor) -> list[torch.Tensor]:
+    rows = logits.reshape(-1, logits.shape[-1])  # a view for contiguous logits
+    return rows.split(max(1, LOGSUMEXP_CHUNK_ELEMENTS // rows.shape[1]))
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, index):
+        logsumexp = torch.cat([chunk.float().logsumexp(-1) for chunk in _row_chunks(logits)])
+        selected = logits.reshape(-1, logits.shape[-1]).gather(1, index.reshape(-1, 1)).squeeze(1).float()
+        ctx.save_for_backward(logits, index, logsumexp)
+        return (selected - logsumexp).view(index.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # d log p(i) / d logit(j) = 1[j = i] - softmax(j), scaled by the incoming gradient.
+        logits, index, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        flat_index, flat_grad = index.reshape(-1, 1), grad_output.reshape(-1, 1).float()
+        start = 0
+        for chunk, grad_chunk in zip(_row_chunks(logits), _row_chunks(grad_logits)):
+            end = start + chunk.shape[0]
+            grad = (chunk.float() - logsumexp[start:end, None]).exp_().mul_(-flat_grad[start:end])
+            grad.scatter_add_(1, flat_index[start:end], flat_grad[start:end])
+            grad_chunk.copy_(grad)
+            start = end
+        return grad_logits, None
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits.float()).gather(-1, index[..., None])[..., 0], without the full fp32 copy."""
+    return _SelectiveLogSoftmax.apply(logits.contiguous(), index)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, chunked like selective_log_softmax."""
+    entropies = []
+    for chunk in _row_chunks(logits.contiguous()):
+        log_p = chunk.float().log_softmax(-1)
+        entropies.append(-(log_p.exp() * log_p).sum(-1))
+    return torch.cat(entropies).view(logits.shape[:-1])
+
+
+# The policy's per-token log-probs come from one small module so that nn.DataParallel (or DDP)
+# can run it on every GPU with a slice of the batch and gather only [batch, tokens] log-probs,
+# never [batch, tokens, vocab] logits. Only the completion positions get logits (logits_to_keep),
+# and they are divided by the sampling temperature, since that is the distribution sampled from.
+class PerTokenLogProbs(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int, temperature: float = 1.0, with_entropy: bool = False):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            logits_to_keep=logits_to_keep + 1).logits
+        if temperature != 1.0:
+            logits.div_(temperature)  # in place: nothing else holds these logits, so no second copy
+        # Position t predicts token t+1; the last kept position predicts past the sequence, so its
+        # target is a dummy and its log-prob is dropped.
+        targets = F.pad(input_ids[:, -logits_to_keep:], (0, 1))
+        log_probs = selective_log_softmax(logits, targets)[:, :-1]
+        return (log_probs, token_entropy(logits[:, :-1])) if with_entropy else log_probs
+
+
+def compute_log_probs(model, input_ids, attention_mask, logits_to_keep: int, temperature: float = 1.0,
+                      micro_batch_size: int | None = None) -> torch.Tensor:
+    """Per-token log-probs [batch, logits_to_keep] of the last logits_to_keep tokens, computed
+    `micro_batch_size` sequences (per GPU) at a time. `model` is a causal LM, or a
+    PerTokenLogProbs already wrapped in DataParallel/DDP."""
+    if isinstance(model, PreTrainedModel):
+        model = PerTokenLogProbs(model)
+    chunk = (micro_batch_size or len(input_ids)) * gpus_per_process()
+    return torch.cat([model(input_ids[i:i + chunk], attention_mask[i:i + chunk], logits_to_keep, temperature)
+                      for i in range(0, len(input_ids), chunk)])
+
+
+def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids) -> torch.Tensor:
+    """1 up to and including the first stop token (any of eos_token_ids), 0 after; all 1 if none."""
+    is_stop = torch.isin(completion_ids, torch.as_tensor(eos_token_ids, device=completion_ids.device))
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), completion_ids.shape[1])
+    return (positions[None, :] <= first_stop[:, None]).int()
+
+
+# Group-relative advantages: the num_generations completions of one prompt are consecutive, and
+# each is scored against its own group's mean (and std, unbiased, when scaling). A group whose
+# completions all earned the same reward carries no signal: its advantages are exactly zero.
+def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: bool = True) -> torch.Tensor:
+    grouped = rewards.view(-1, num_generations)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.view(-1)
+
+
+# The GRPO objective per completion token, with r = exp(log_probs - old_log_probs):
+#     -( min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) - beta * KL )
+# KL is the k3 estimator exp(ref - lp) - (ref - lp) - 1: unbiased, always >= 0, zero when the
+# policy equals the reference. old_log_probs=None means on-policy (mu == 1): r is 1 in value but
+# still carries the gradient of log_probs, with no extra forward pass.
+def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_mask, *, epsilon: float, beta: float,
+              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None):
+    """Returns (loss, metrics); metrics are detached masked token means."""
+    if ref_log_probs is None and beta != 0:
+        raise ValueError("ref_log_probs is required when beta != 0")
+    old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(log_probs.dtype)
+    advantages = advantages[:, None]
+
+    ratio = torch.exp(log_probs - old_log_probs)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    if beta != 0:
+        log_ratio_to_ref = ref_log_probs - log_probs
+        kl = torch.exp(log_ratio_to_ref) - log_ratio_to_ref - 1
+        per_token_loss = per_token_loss + beta * kl
+
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        loss = (per_token_loss * mask).sum() / (per_token_loss.shape[0] * max_completion_length)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    def masked_mean(values):
+        return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+    low_clipped = (ratio < 1 - epsilon) & (advantages < 0)
+    high_clipped = (ratio > 1 + epsilon_high) & (advantages > 0)
+    metrics = {"kl": masked_mean(kl) if beta != 0 else torch.zeros((), device=loss.device),
+               "clip_ratio/low_mean": masked_mean(low_clipped.float()),
+               "clip_ratio/high_mean": masked_mean(high_clipped.float()),
+               "clip_ratio/region_mean": masked_mean((low_clipped | high_clipped).float())}
+    return loss, metrics
+
+
+def loss_denominator(completion_mask: torch.Tensor, loss_type: str) -> float:
+    """What grpo_loss divides by for this batch, in units that add up over micro-batches, so a
+    micro-batch's loss weighted by its share gives the gradient of the whole batch at once."""
+    return float(completion_mask.sum()) if loss_type == "bnpo" else float(completion_mask.shape[0])
+
+
+# %% 7. Training loop
+# Each step: sample num_generations completions for batch_size prompts (eval mode, KV cache on),
+# score them, turn rewards into group-relative advantages, get reference log-probs without grad,
+# then take mu optimizer steps on the GRPO loss, accumulating gradients over micro-batches
+# (gradient checkpointing on). All forwards run through nn.DataParallel over the visible GPUs,
+# or through DDP under torchrun, where each rank has its own prompts and DDP averages gradients.
+class MasterWeightAdamW:
+    """AdamW on fp32 master copies of bf16 weights. Why: at lr 5e-6 most updates are far below
+    bf16's resolution (~1e-4 for a weight of 0.03) and would round away. Rollouts and loss run on
+    the fast bf16 weights; after each step the master values are copied back. On fp32 models the
+    master copy is the parameter itself and this is plain AdamW."""
+
+    def __init__(self, params, lr: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_() for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Move gradients to the fp32 master copies and clip them there; returns the total norm."""
+        for param, master in zip(self.params, self.master):
+            if master is not param:
+                master.grad = None if param.grad is None else param.grad.float()
+                param.grad = None
+        return torch.nn.utils.clip_grad_norm_(self.master, max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        with torch.no_grad():
+            for param, master in zip(self.params, self.master):
+                if master is not param:
+                    param.copy_(master)
+
+    def zero_grad(self) -> None:
+        for tensor in self.params + self.master:
+            tensor.grad = None
+
+    def state_dict(self) -> dict:
+        master = [m.detach().clone() if m is not p else None for p, m in zip(self.params, self.master)]
+        return {"optimizer": self.optimizer.state_dict(), "master": master}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for param, master, saved in zip(self.params, self.master, state["master"]):
+                if saved is not None:
+                    master.copy_(saved)
+                    param.copy_(saved)
+
+
+def prompt_indices(num_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Prompts of a 0-based step for this rank: a seeded reshuffle of the data every epoch, so the
+    order depends only on (seed, step) and a resumed run sees exactly the prompts it would have."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    start = (step * world + rank) * batch_size
+    return [int(_epoch_order(num_examples, seed, p // num_examples)[p % num_examples]) for p in range(start, start + batch_size)]
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor of the same shape from every rank (identity without torchrun)."""
+    if not dist.is_initialized():
+        return tensor
+    backend_device = tensor.device if dist.get_backend() != "gloo" else torch.device("cpu")
+    local = tensor.to(backend_device)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when the flag is set on any rank."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def make_reference(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if reference.is_activation_checkpointing:
+        reference.activation_checkpointing_disable()
+    return reference
+
+
+class TrainingStopped(Exception):
+    """Training ended early (interrupt or repeated non-finite steps); a checkpoint was written."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+STOP_SIGNALS: list[str] = []  # filled by the SIGINT/SIGTERM handler; checked after every step
+
+
+def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, run_dir: Path | None = None,
+                    reward_funcs: dict | None = None, logger=None, reference_model: nn.Module | None = None,
+                    resume_state: dict | None = None) -> nn.Module:
+    """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
+    from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint."""
+    reward_funcs = reward_funcs or {name: REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
+    device = next(model.parameters()).device
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.learning_rate)
+    if dist.is_initialized():
+        policy = nn.parallel.DistributedDataParallel(PerTokenLogProbs(model), device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        policy = nn.DataParallel(PerTokenLogProbs(model))
+    state = {"step": 0, "reference_step": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        state.update(resume_state["trainer_state"])
+        restore_rng_state(resume_state["rng"])
+    if cfg.beta > 0 and reference_model is None:
+        reference_model = make_reference(model)
+    total_steps = cfg.num_iterations * cfg.num_steps
+    progress = tqdm(total=total_steps, initial=state["step"], desc="GRPO", disable=not is_main_process())
+
+    for step in range(state["step"] + 1, total_steps + 1):
+        if cfg.beta > 0 and step > 1 and (step - 1) % cfg.num_steps == 0:  # a new iteration starts
+            reference_model, state["reference_step"] = make_reference(model), step - 1
+        step_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # Rollout: every completion of the step in one batched generate call per GPU.
+        batch = [train_examples[i] for i in prompt_indices(len(train_examples), step - 1, cfg.batch_size, cfg.seed)]
+        prompts = [ex["prompt"] for ex in batch for _ in range(cfg.num_generations)]
+        answers = [ex["answer"] for ex in batch for _ in range(cfg.num_generations)]
+        rollout = generate_completions(model, tokenizer, prompts, cfg.temperature, cfg.max_completion_length)
+        rollout_time = time.perf_counter() - step_start
+
+        # Rewards and group-relative advantages (each group lives on one rank).
+        rewards_per_func = score_completions(reward_funcs, rollout["completions"], answers)
+        advantages = compute_group_advantages(rewards_per_func.sum(1), cfg.num_generations, cfg.scale_rewards).to(device)
+        input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
+        attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
+        completion_mask, logits_to_keep = rollout["completion_mask"], rollout["completion_ids"].shape[1]
+
+        # Old and reference log-probs, without grad. mu == 1: old == current, nothing to compute.
+        reference_start = time.perf_counter()
+        with torch.no_grad():
+            old_log_probs = None if cfg.mu == 1 else compute_log_probs(
+                policy, input_ids, attention_mask, logits_to_keep, cfg.temperature, cfg.micro_batch_size)
+            ref_log_probs = None if cfg.beta == 0 else compute_log_probs(
+                data_parallel(PerTokenLogProbs(reference_model)), input_ids, attention_mask, logits_to_keep,
+                cfg.temperature, cfg.micro_batch_size)
+        reference_time = time.perf_counter() - reference_start
+
+        update_start = time.perf_counter()
+        for _ in range(cfg.mu):
+            update = grpo_update(policy, optimizer, cfg, input_ids, attention_mask, completion_mask, logits_to_keep,
+                                 advantages, old_log_probs, ref_log_probs)
+            state["skipped_steps"] += update.pop("skipped")
+        state["nonfinite_in_a_row"] = state["nonfinite_in_a_row"] + 1 if update["nonfinite"] else 0
+        update_time = time.perf_counter() - update_start
+        state["step"] = step
+
+        metrics = step_metrics(cfg, rollout, rewards_per_func, list(reward_funcs), update, state, device,
+                               {"step_time": time.perf_counter() - step_start, "rollout_time": rollout_time,
+                                "reference_time": reference_time, "update_time": update_time})
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}")
+        if logger is not None:
+            logger.log_step(metrics)
+            if step % cfg.log_completions_steps == 0 or step == 1:
+                logger.log_completions(step, batch[0], rollout, rewards_per_func, list(reward_funcs), advantages)
+
+        stop_reason = None
+        if state["nonfinite_in_a_row"] >= 3:
+            stop_reason = ("stopped: 3 steps in a row had a non-finite loss or gradient norm (their updates were "
+                           "skipped); the checkpoint holds the last good weights", 1)
+        elif any_rank(bool(STOP_SIGNALS), device):
+            stop_reason = (f"interrupted ({STOP_SIGNALS[0] if STOP_SIGNALS else 'signal on another rank'}) "
+                           f"after step {step}", 130)
+        if run_dir is not None and (step % cfg.save_steps == 0 or stop_reason or step == total_steps):
+            save_checkpoint(run_dir, model, optimizer, state, reference_model, cfg)
+            if logger is not None:
+                logger.draw_curves()
+        if stop_reason:
+            progress.close()
+            raise TrainingStopped(*stop_reason)
+    progress.close()
+    return model
+
+
+def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, completion_mask, logits_to_keep: int,
+                advantages, old_log_probs, ref_log_probs) -> dict:
+    """One optimizer step on the GRPO loss, accumulated over micro-batches. A non-finite loss or
+    gradient norm skips the step (counted and warned about) instead of poisoning the weights."""
+    optimizer.zero_grad()
+    chunk = cfg.micro_batch_size * gpus_per_process()
+    total = loss_denominator(completion_mask, cfg.loss_type)
+    loss_sum, metric_sums, entropy_sum, tokens = 0.0, {}, 0.0, 0.0
+    starts = range(0, len(input_ids), chunk)
+    for start in starts:
+        part = slice(start, start + chunk)
+        is_last = start == starts[-1]
+        sync = policy.no_sync() if isinstance(policy, nn.parallel.DistributedDataParallel) and not is_last else nullcontext()
+        with sync:
+            log_probs, entropy = policy(input_ids[part], attention_mask[part], logits_to_keep, cfg.temperature, with_entropy=True)
+            loss, metrics = grpo_loss(log_probs, None if old_log_probs is None else old_log_probs[part],
+                                      None if ref_log_probs is None else ref_log_probs[part], advantages[part],
+                                      completion_mask[part], epsilon=cfg.epsilon, beta=cfg.beta,
+                                      epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                      max_completion_length=cfg.max_completion_length)
+            weight = loss_denominator(completion_mask[part], cfg.loss_type) / total
+            (loss * weight).backward()
+        part_tokens = float(completion_mask[part].sum())
+        loss_sum += loss.item() * weight
+        entropy_sum += float((entropy * completion_mask[part]).sum())
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * part_tokens
+        tokens += part_tokens
+    grad_norm = float(optimizer.clip_grad_norm(cfg.max_grad_norm))
+    nonfinite = any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), log_probs.device)
+    if nonfinite:
+        optimizer.zero_grad()
+        if is_main_process():
+            tqdm.write(f"warning: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); optimizer step skipped")
+    else:
+        optimizer.step()
+    return {"loss": loss_sum, "grad_norm": grad_norm, "entropy": entropy_sum / max(tokens, 1.0), "nonfinite": nonfinite,
+            "skipped": int(nonfinite), **{key: value / max(tokens, 1.0) for key, value in metric_sums.items()}}
+
+
+def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, func_names: list[str], update: dict,
+                 state: dict, device: torch.device, timings: dict) -> dict:
+    """The step's curves, named like TRL's. Rewards and lengths are gathered from every rank first,
+    so the figures are the same however the run was launched."""
+    rewards_per_func = all_gather_cat(rewards_per_func.to(device)).cpu()
+    lengths = all_gather_cat(rollout["lengths"].float()).cpu()
+    truncated = all_gather_cat(rollout["truncated"].float()).cpu()
+    rewards = rewards_per_func.sum(1)
+    group_std = rewards.view(-1, cfg.num_generations).std(dim=1)
+    scalars = torch.tensor([update[k] for k in ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                                                "clip_ratio/region_mean")], device=device)
+    if dist.is_initialized():
+        scalars = all_gather_cat(scalars[None]).mean(0)
+    metrics = {"step": state["step"], "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+               **{f"rewards/{name}": rewards_per_func[:, i].mean().item() for i, name in enumerate(func_names)},
+               "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
+               "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+               "completions/max_length": lengths.max().item(), "completions/clipped_ratio": truncated.mean().item(),
+               **dict(zip(("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"),
+                          scalars.tolist())),
+               "grad_norm": update["grad_norm"], "learning_rate": cfg.learning_rate,
+               "skipped_steps": state["skipped_steps"], **timings,
+               "tokens_per_second": lengths.sum().item() / max(timings["rollout_time"], 1e-9)}
+    if device.type == "cuda":
+        metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return metrics
+
+
+# %% Checkpoints and the run record
+# A checkpoint holds what an exact resume needs: weights, optimizer (with fp32 master weights),
+# step counters, every rank's RNG states and, when it is no longer the starting model, the
+# reference model. It is written to a temporary folder and renamed into place, so a kill during
+# a save leaves either the previous checkpoint or the new one, never a broken one.
+def save_checkpoint(run_dir: Path, model, optimizer: MasterWeightAdamW, state: dict, reference_model, cfg: Config) -> None:
+    final, temporary, previous = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    barrier()
+    torch.save(capture_rng_state(), temporary / f"rng_rank{rank}.pt")
+    if rank == 0:
+        model.save_pretrained(temporary / "model")
+        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        if cfg.beta > 0 and state["reference_step"] > 0:
+            reference_model.save_pretrained(temporary / "reference_model")
+    barrier()
+    if rank == 0:
+        (temporary / "trainer_state.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
+        if final.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
+        temporary.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    barrier()
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint of a run (the previous one if a save was cut off mid-swap)."""
+    for candidate in (run_dir / "checkpoint", run_dir / "checkpoint.old"):
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    return None
+
+
+def load_checkpoint(checkpoint: Path) -> dict:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return {"trainer_state": json.loads((checkpoint / "trainer_state.json").read_text()),
+            "optimizer": torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False),
+            "rng": torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)}
+
+
+def capture_rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+class RunLogger:
+    """Everything a person reads about a run: metrics.jsonl (one line per step), completions.jsonl
+    (samples with their rewards), wandb (offline when no login is found; it never prompts), and
+    curves.png. Only the main process has one."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+        self.run_dir, self.cfg = run_dir, cfg
+        if resume_step is not None:  # drop lines of steps after the checkpoint: they will be redone
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                write_jsonl(run_dir / name, [r for r in read_jsonl(run_dir / name) if r["step"] <= resume_step])
+        self.wandb_run = self._start_wandb() if cfg.report_to == "wandb" else None
+
+    def _start_wandb(self):
+        import wandb
+        mode = os.environ.get("WANDB_MODE")
+        if mode is None:
+            mode = "online" if wandb_credentials_found() else "offline"
+            if mode == "offline":
+                print(f"wandb: no API key or login found, logging offline; upload later with: "
+                      f"wandb sync {self.run_dir / 'wandb'}/offline-run-*")
+        id_file = self.run_dir / "wandb_run_id.txt"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(8))
+        return wandb.init(project=self.cfg.wandb_project, name=self.run_dir.name, id=id_file.read_text().strip(),
+                          resume="allow", dir=str(self.run_dir), config=asdict(self.cfg), mode=mode)
+
+    def log_step(self, metrics: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def log_completions(self, step: int, example: dict, rollout: dict, rewards_per_func, func_names, advantages,
+                        count: int = 4) -> None:
+        """A few completions of the step's first prompt, with each reward and the advantage."""
+        rows = [{"step": step, "question": example["question"], "answer": example["answer"],
+                 "completion": rollout["completions"][i], "reward": float(rewards_per_func[i].sum()),
+                 **{f"rewards/{name}": float(rewards_per_func[i, j]) for j, name in enumerate(func_names)},
+                 "advantage": float(advantages[i])} for i in range(min(count, len(rollout["completions"])))]
+        with open(self.run_dir / "completions.jsonl", "a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        if self.wandb_run is not None:
+            import wandb
+            table = wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
+            self.wandb_run.log({"completions": table}, step=step)
+
+    def log_summary(self, summary: dict) -> None:
+        if self.wandb_run is not None:
+            for when in ("before", "after"):
+                for key in ("accuracy", "strict_accuracy", "format_rate", "truncation_rate"):
+                    if when in summary:
+                        self.wandb_run.summary[f"eval/{when}_{key}"] = summary[when][key]
+
+    def draw_curves(self) -> None:
+        plot_curves(self.run_dir)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def wandb_credentials_found() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def plot_curves(run_dir: Path) -> None:
+    """curves.png: reward (total and per function), accuracy before/after, KL, completion length
+    and clipped ratio, share of groups without signal, step time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    steps = [r["step"] for r in records]
+    series = lambda key: [r.get(key, float("nan")) for r in records]  # noqa: E731
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (reward_ax, accuracy_ax, kl_ax), (length_ax, signal_ax, time_ax) = axes
+    reward_ax.plot(steps, series("reward"), label="total", linewidth=2)
+    for key in sorted({k for r in records for k in r if k.startswith("rewards/")}):
+        reward_ax.plot(steps, series(key), label=key.split("/", 1)[1], alpha=0.7)
+    reward_ax.set_title("reward (mean per completion)")
+    reward_ax.legend(fontsize=8)
+    labels = [w for w in ("before", "after") if w in summary]
+    for offset, key in ((-0.2, "accuracy"), (0.2, "strict_accuracy")):
+        accuracy_ax.bar([i + offset for i in range(len(labels))], [summary[w][key] for w in labels], width=0.4, label=key)
+    accuracy_ax.set_xticks(range(len(labels)), labels)
+    accuracy_ax.set_ylim(0, 1)
+    accuracy_ax.set_title("test accuracy (greedy)")
+    accuracy_ax.legend(fontsize=8)
+    kl_ax.plot(steps, series("kl"))
+    kl_ax.set_title("KL to reference")
+    length_ax.plot(steps, series("completions/mean_length"), label="mean length")
+    length_ax.set_title("completion length (tokens)")
+    clipped_ax = length_ax.twinx()
+    clipped_ax.plot(steps, series("completions/clipped_ratio"), color="tab:red", label="clipped ratio")
+    clipped_ax.set_ylim(0, 1)
+    length_ax.legend(handles=length_ax.lines + clipped_ax.lines, fontsize=8)
+    signal_ax.plot(steps, series("frac_reward_zero_std"))
+    signal_ax.set_ylim(0, 1)
+    signal_ax.set_title("frac_reward_zero_std (groups with no signal)")
+    time_ax.plot(steps, series("step_time"), label="step")
+    time_ax.plot(steps, series("rollout_time"), label="rollout")
+    time_ax.set_title("seconds per step")
+    time_ax.legend(fontsize=8)
+    for ax in (reward_ax, kl_ax, length_ax, signal_ax, time_ax):
+        ax.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(run_dir / "curves.png", dpi=80)
+    plt.close(figure)
+
+
+# %% 8. Main: evaluate before, train, evaluate after, save, write the run record
+def parse_config(argv: list[str] | None) -> Config:
+    parser = HfArgumentParser(Config, description="GRPO from scratch: Qwen2.5-1.5B-Instruct on GSM8K.")
+
+    def refuse(message: str):
+        raise ConfigError(message)
+
+    parser.error = refuse  # argparse would print the whole usage; one line naming the flag is enough
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ConfigError(f"unknown argument(s): {' '.join(unknown)} (see --help)")
+    return cfg
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """The run folder: a new one for a fresh run (never an existing run's), or the run to resume."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume:
+        if cfg.run_name is None:
+            runs = [d for d in output_dir.glob("*") if find_checkpoint(d)] if output_dir.is_dir() else []
+            if not runs:
+                raise ConfigError(f"--resume: no run with a checkpoint under {output_dir}/")
+            return max(runs, key=lambda d: find_checkpoint(d).stat().st_mtime)
+        if not find_checkpoint(output_dir / cfg.run_name):
+            raise ConfigError(f"--resume: no checkpoint in {output_dir / cfg.run_name}")
+        return output_dir / cfg.run_name
+    name = cfg.run_name or f"{Path(cfg.model_name_or_path).name}-grpo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = output_dir / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"--run_name {name}: {run_dir} already holds a run; add --resume to continue it or choose another --run_name")
+    return run_dir
+
+
+def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+    saved = json.loads((run_dir / "config.json").read_text())
+    changed = [f"--{f.name}" for f in fields(Config)
+               if f.name not in RESUME_MAY_CHANGE and saved.get(f.name) != getattr(cfg, f.name)]
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {run_dir}; resume with the original values")
+
+
+def agree_on_rank0(compute):
+    """Run compute() on rank 0 and hand its result (or its ConfigError) to every rank."""
+    if not dist.is_initialized():
+        return compute()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except ConfigError as error:
+            box = [("error", str(error))]
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise ConfigError(value)
+    return value
+
+
+def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device, flag: str = "--model_name_or_path"):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{flag} {path}: could not load the model ({str(error).splitlines()[0]})") from error
+    return model.to(device)
+
+
+def load_tokenizer(path: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--model_name_or_path {path}: could not load the tokenizer ({str(error).splitlines()[0]})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks when DDP kept the replicas in sync."""
+    import hashlib
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def stop_after_step():
+    """During training, SIGINT/SIGTERM finish the current step, save a checkpoint and exit; a second
+    Ctrl-C aborts at once (the last checkpoint stays intact)."""
+    def handler(signum, frame):
+        if STOP_SIGNALS:
+            raise KeyboardInterrupt
+        STOP_SIGNALS.append(signal.Signals(signum).name)
+        if is_main_process():
+            tqdm.write(f"{STOP_SIGNALS[0]}: stopping after this step and saving a checkpoint (Ctrl-C again aborts now)")
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The same command with --run_name pointing at this run, plus --resume."""
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--run_name":
+            i += 2
+            continue
+        if argv[i] != "--resume" and not argv[i].startswith(("--run_name=", "--resume=")):
+            kept.append(argv[i])
+        i += 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    return shlex.join([*launcher.split(), "grpo_from_scratch.py", *kept, "--run_name", run_dir.name, "--resume"])
+
+
+def run(cfg: Config, argv: list[str]) -> dict:
+    rank, world_size, device = setup_distributed()
+    validate_config(cfg)
+    seed_everything(cfg.seed + rank)
+    run_dir = Path(agree_on_rank0(lambda: str(resolve_run_dir(cfg))))
+    checkpoint = find_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint:
+        check_resume_compatible(cfg, run_dir)
+    resume_state = load_checkpoint(checkpoint) if checkpoint else None
+
+    # Data first (cheap, and bad files are refused before the model loads), then the model.
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    train_examples = load_gsm8k("train", tokenizer, cfg.dataset_name, cfg.dataset_config, cfg.train_file, "--train_file")
+    eval_examples = load_gsm8k("test", tokenizer, cfg.dataset_name, cfg.dataset_config, cfg.eval_file, "--eval_file")
+    eval_examples = eval_examples[:cfg.num_eval_examples or None]
+    context = AutoConfig.from_pretrained(cfg.model_name_or_path).max_position_embeddings
+    train_examples = drop_overlong_prompts(train_examples, tokenizer, context, cfg.max_completion_length, "train")
+    eval_examples = drop_overlong_prompts(eval_examples, tokenizer, context, cfg.eval_max_new_tokens, "eval")
+    dtype, attn = resolve_dtype(cfg, device), resolve_attention(cfg, device)
+    model = load_model(str(checkpoint / "model") if checkpoint else cfg.model_name_or_path, dtype, attn, device)
+    reference_model = None
+    if checkpoint and cfg.beta > 0:  # the reference is the model at the start of the current iteration
+        reference_step = resume_state["trainer_state"]["reference_step"]
+        source = str(checkpoint / "reference_model") if reference_step > 0 else cfg.model_name_or_path
+        reference_model = make_reference(load_model(source, dtype, attn, device))
+    gpus = torch.cuda.device_count() if device.type == "cuda" and world_size == 1 else int(device.type == "cuda")
+    is_main = rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"run folder {run_dir} | device {device.type}, {gpus} GPU(s) per process, world size {world_size} | "
+              f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
+              f"{len(train_examples)} train / {len(eval_examples)} eval questions"
+              + (f" | resuming from {checkpoint}" if checkpoint else ""))
+        if not checkpoint:
+            (run_dir / "config.json").write_text(json.dumps(
+                {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size, "gpus_per_process": gpus,
+                 "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
+                 "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
+                indent=2))
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.exists() else {}
+    logger = RunLogger(run_dir, cfg, resume_state and resume_state["trainer_state"]["step"]) if is_main else None
+    started = time.perf_counter()
+
+    def evaluate_and_record(when: str) -> None:
+        result = evaluate_model(model, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}")
+        if is_main:
+            write_jsonl(run_dir / f"eval_{when}.jsonl", result.pop("records"))
+            summary[when] = result
+            summary_path.write_text(json.dumps(summary, indent=2))
+            logger.log_summary(summary)
+            print(f"eval {when}: accuracy {result['accuracy']:.3f} (strict {result['strict_accuracy']:.3f}), "
+                  f"format {result['format_rate']:.3f}, truncated {result['truncation_rate']:.3f}, n={result['n']}")
+
+    if "before" in summary:
+        print(f"eval before: reusing {summary_path} (accuracy {summary['before']['accuracy']:.3f})") if is_main else None
+    else:
+        evaluate_and_record("before")
+    with stop_after_step():
+        try:
+            train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
+                            resume_state=resume_state)
+        except TrainingStopped as stopped:
+            raise TrainingStopped(f"{stopped}; checkpoint in {run_dir / 'checkpoint'}; resume with:\n  "
+                                  f"{resume_command(argv, run_dir)}", stopped.exit_code) from None
+    evaluate_and_record("after")
+
+    checksums = [parameter_checksum(model)]
+    if dist.is_initialized():
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, checksums[0])
+        checksums = gathered
+    if is_main:
+        records = read_jsonl(run_dir / "metrics.jsonl")
+        rollout_seconds = sum(r["rollout_time"] for r in records)
+        tokens = sum(r["tokens_per_second"] * r["rollout_time"] for r in records)
+        summary.update({"steps": len(records), "world_size": world_size, "train_seconds": sum(r["step_time"] for r in records),
+                        "tokens_per_second": tokens / max(rollout_seconds, 1e-9), "replica_checksums": checksums,
+                        "wall_seconds_this_process": time.perf_counter() - started})
+        summary_path.write_text(json.dumps(summary, indent=2))
+        model.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+        logger.draw_curves()
+        logger.finish()
+        print_final_table(summary, run_dir)
+    return summary
+
+
+def print_final_table(summary: dict, run_dir: Path) -> None:
+    print("\n" + "-" * 68)
+    print(f"{'GSM8K test (greedy)':<22}{'accuracy [95% CI]':>24}{'strict [95% CI]':>22}")
+    for when in ("before", "after"):
+        result = summary[when]
+        cells = []
+        for key in ("accuracy", "strict_accuracy"):
+            low, high = wilson_interval(round(result[key] * result["n"]), result["n"])
+            cells.append(f"{result[key]:.3f} [{low:.3f}, {high:.3f}]")
+        print(f"{when + ' (n=' + str(result['n']) + ')':<22}{cells[0]:>24}{cells[1]:>22}")
+    print(f"steps {summary['steps']} | training {summary['train_seconds'] / 60:.1f} min | "
+          f"rollout {summary['tokens_per_second']:.0f} tokens/s | run folder {run_dir}")
+    print("-" * 68)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point: bad input exits with status 2 and one line naming the flag or file."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = None
+    try:
+        cfg = parse_config(argv)
+        return run(cfg, argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(stopped.exit_code)
+    except torch.OutOfMemoryError:
+        print(f"error: CUDA out of memory. Lower --micro_batch_size (now {cfg.micro_batch_size}), --num_generations "
+              f"({cfg.num_generations}), --max_completion_length ({cfg.max_completion_length}) or --eval_batch_size "
+              f"({cfg.eval_batch_size}); the last checkpoint in {cfg.output_dir}/<run>/checkpoint is intact "
+              f"(resume with --resume)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("aborted; files already written are kept (the last checkpoint is intact; resume with --resume)", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        STOP_SIGNALS.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Tiny offline stand-ins for Qwen2.5 and GSM8K, built inside the tests (nothing is downloaded).
+
+- `build_tokenizer`: a byte-level BPE trained on a small corpus, with Qwen's special tokens
+  (<|endoftext|> as pad, <|im_start|>, <|im_end|> as eos), the answer tags as single tokens and a
+  Qwen-style chat template. Decoding is exact, so newlines and tags survive round trips.
+- `tiny_model`: a randomly initialised Qwen2ForCausalLM sized for a CPU.
+- `word_problems`: GSM8K-format rows ("... #### 7") from a seeded generator.
+- `write_run_inputs`: a model folder plus train/eval jsonl, what `python grpo_from_scratch.py` needs offline.
+"""
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import grpo_from_scratch as grpo
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TAG_TOKENS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea"]
+ITEMS = ["pens", "apples", "books", "cards", "shells", "coins", "stamps", "marbles"]
+
+
+def word_problems(count: int, seed: int, max_operand: int = 9) -> list[dict]:
+    """GSM8K-format addition problems: 'Ada has 3 pens and buys 4 more...' with '#### 7'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+        rows.append({"question": f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+                     "answer": f"{name} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} {item}.\n#### {a + b}"})
+    return rows
+
+
+def solution_text(a: int, b: int) -> str:
+    """The completion the tiny model is taught: the tag layout of SYSTEM_PROMPT."""
+    return f"<reasoning>\n{a} + {b} = {a + b}\n</reasoning>\n<answer>\n{a + b}\n</answer>"
+
+
+def build_tokenizer(extra_corpus: list[str] = (), vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    corpus = [grpo.SYSTEM_PROMPT, *extra_corpus, *(r["question"] for r in word_problems(200, seed=0)),
+              *(solution_text(a, b) for a in range(10) for b in range(10)), "0 1 2 3 4 5 6 7 8 9 10 , . $ % / -"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + TAG_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+    return Qwen2ForCausalLM(config).float()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_run_inputs(folder: Path, n_train: int = 32, n_eval: int = 8, tokenizer=None) -> dict:
+    """A saved tiny model + tokenizer and GSM8K-format train/eval files; returns their paths."""
+    tokenizer = tokenizer or build_tokenizer()
+    model_dir = folder / "tiny-model"
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {"model": str(model_dir),
+            "train": str(write_jsonl(folder / "train.jsonl", word_problems(n_train, seed=1))),
+            "eval": str(write_jsonl(folder / "eval.jsonl", word_problems(n_eval, seed=2)))}
+
+
+def run_args(paths: dict, output_dir: Path, **overrides) -> list[str]:
+    """Command-line flags for a short offline CPU run of grpo_from_scratch.py."""
+    flags = {"model_name_or_path": paths["model"], "train_file": paths["train"], "eval_file": paths["eval"],
+             "output_dir": str(output_dir), "run_name": "tiny", "num_steps": 2, "batch_size": 2, "num_generations": 4,
+             "max_completion_length": 16, "eval_max_new_tokens": 16, "eval_batch_size": 4, "micro_batch_size": 4,
+             "report_to": "none", "learning_rate": 1e-3, "save_steps": 1, "log_completions_steps": 1}
+    flags.update(overrides)
+    args = []
+    for key, value in flags.items():
+        args += [f"--{key}", str(value)]
+    return args
