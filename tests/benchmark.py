@@ -1,0 +1,264 @@
+"""Speed and memory of grpo_from_scratch.py, measured (a script, not collected by pytest).
+
+    python tests/benchmark.py --device cpu --quick     # tiny model, seconds
+    python tests/benchmark.py --device cuda            # Qwen2.5-1.5B architecture, random weights
+
+On CUDA the model is the real Qwen2.5-1.5B-Instruct architecture built from its config with
+random weights (nothing is downloaded) at the tutorial's settings: 7 prompts x 12 completions,
+400 new tokens. Random weights never emit a stop token, so every completion runs the full 400
+tokens: the worst case of a real step. Measured, in one run:
+  1. rollout tokens/s with the trainer's path (eval mode, KV cache, one batched generate) and
+     with the tutorial's (train mode, gradient checkpointing, so no cache), same prompts/lengths;
+  2. log-prob + loss + backward time (grpo_update over micro-batches);
+  3. full train_with_grpo steps and their split (rollout, reference, update), peak memory;
+  4. peak extra memory of selective_log_softmax vs the naive full log_softmax at 151,936 columns.
+The last line is `BENCH rollout_speedup=<x> logprob_mem_ratio=<y> step_s=<s> peak_mem_gb=<g> device=<name>`.
+"""
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_from_scratch as grpo  # noqa: E402
+import tiny  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+QWEN_VOCAB = 151936
+# Qwen2.5-1.5B-Instruct's config.json, written out so nothing needs downloading.
+QWEN25_15B = dict(vocab_size=QWEN_VOCAB, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB: peak RSS of the process
+
+
+def build_model(args, tokenizer, device):
+    if args.device == "cuda":
+        torch.manual_seed(0)
+        config = Qwen2Config(**QWEN25_15B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation=args.attn)
+        return model.to(device)
+    return tiny.tiny_model(tokenizer, hidden_size=128, layers=4).to(device)
+
+
+def bench_rollout(model, tokenizer, prompts, max_new, device, repeats):
+    """Tokens/s of the trainer's rollout path vs the tutorial's (train mode + checkpointing = no cache)."""
+    kwargs = grpo.decoding_kwargs(tokenizer, max_new, temperature=1.0)
+    kwargs["min_new_tokens"] = max_new  # both paths generate exactly the same number of tokens
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+    def timed(run):
+        run()  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = run()
+        sync(device)
+        return (time.perf_counter() - start) / repeats, out
+
+    generator = grpo.data_parallel(grpo.BatchGenerator(model, kwargs))
+
+    def ours():
+        with torch.no_grad(), grpo.eval_mode(model):
+            return generator(ids, mask)
+
+    def tutorial():
+        model.train()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, **{**kwargs, "use_cache": False})
+        finally:
+            model.activation_checkpointing_disable()
+            model.eval()
+
+    ours_s, out = timed(ours)
+    tutorial_s, _ = timed(tutorial)
+    tokens = len(prompts) * max_new
+    assert out.shape == (len(prompts), max_new)
+    return {"tokens": tokens, "ours_s": ours_s, "tutorial_s": tutorial_s,
+            "ours_tok_s": tokens / ours_s, "tutorial_tok_s": tokens / tutorial_s}
+
+
+def bench_update(model, tokenizer, prompts, cfg, device, repeats):
+    """log-probs + GRPO loss + backward over micro-batches, then the optimizer step (grpo_update)."""
+    rollout = grpo.generate_completions(model, tokenizer, prompts, cfg.temperature, cfg.max_completion_length)
+    input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], 1)
+    attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], 1)
+    keep = rollout["completion_ids"].shape[1]
+    advantages = torch.randn(len(prompts), device=device)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = grpo.MasterWeightAdamW(model.parameters(), lr=cfg.learning_rate)
+    policy = grpo.data_parallel(grpo.PerTokenLogProbs(model))
+    with torch.no_grad():
+        ref = grpo.compute_log_probs(policy, input_ids, attention_mask, keep, cfg.temperature, cfg.micro_batch_size)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        grpo.grpo_update(policy, optimizer, cfg, input_ids, attention_mask, rollout["completion_mask"], keep,
+                         advantages, None, ref)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    model.activation_checkpointing_disable()
+    return {"update_s": min(times[1:]), "sequences": len(prompts), "completion_tokens": int(rollout["lengths"].sum())}
+
+
+class CollectMetrics:
+    """A stand-in for RunLogger that keeps the per-step metrics in memory."""
+
+    def __init__(self):
+        self.steps = []
+
+    def log_step(self, metrics):
+        self.steps.append(metrics)
+
+    def log_completions(self, *args, **kwargs):
+        pass
+
+
+def bench_steps(model, tokenizer, examples, cfg, device):
+    """Full train_with_grpo steps (rollout, reference, loss, optimizer); the first is a warm-up."""
+    logger = CollectMetrics()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    grpo.train_with_grpo(model, tokenizer, examples, cfg, run_dir=None, logger=logger)
+    measured = logger.steps[1:] or logger.steps
+    mean = lambda key: sum(m[key] for m in measured) / len(measured)  # noqa: E731
+    return {key: mean(key) for key in ("step_time", "rollout_time", "reference_time", "update_time", "tokens_per_second")}
+
+
+LOGPROB_PROBE = r"""
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+import grpo_from_scratch as grpo
+rows, vocab, method, device = {rows}, {vocab}, {method!r}, torch.device({device!r})
+torch.manual_seed(0)
+logits = torch.randn(rows, vocab, dtype=torch.bfloat16, device=device).requires_grad_()
+index = torch.randint(0, vocab, (rows,), device=device)
+def current():
+    if device.type == "cuda":
+        torch.cuda.synchronize(); return torch.cuda.memory_allocated()
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def peak():
+    if device.type == "cuda":
+        torch.cuda.synchronize(); return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+baseline = current()
+if method == "naive":
+    out = torch.log_softmax(logits.float(), dim=-1).gather(-1, index[:, None])[:, 0]
+else:
+    out = grpo.selective_log_softmax(logits, index)
+grad, = torch.autograd.grad(out.sum(), logits)
+# Extra = peak beyond the logits themselves and their (unavoidable) bf16 gradient.
+print(json.dumps({{"extra_bytes": peak() - baseline - grad.numel() * grad.element_size(), "baseline_above_peak": baseline >= peak()}}))
+"""
+
+
+def bench_logprob_memory(device, rows):
+    """Each method in a fresh process, so the peak of one cannot hide the other."""
+    results = {}
+    for method in ("naive", "selective"):
+        code = LOGPROB_PROBE.format(root=str(Path(__file__).resolve().parents[1]), rows=rows, vocab=QWEN_VOCAB,
+                                    method=method, device=str(device))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        results[method] = json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"] / 1e9
+    results["ratio"] = results["selective"] / results["naive"]
+    results["rows"] = rows
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation on CUDA (sdpa or flash_attention_2)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible")
+    device = torch.device(args.device)
+
+    # Tutorial settings on CUDA; scaled down on CPU (a 1.5B model does not fit a CPU step budget).
+    if args.device == "cuda":
+        batch, generations, max_new, micro, steps, rows = 7, 12, 400, 12, 3, 8192
+        if args.quick:
+            steps = 2
+    elif args.quick:
+        batch, generations, max_new, micro, steps, rows = 2, 4, 64, 4, 3, 1024
+    else:
+        batch, generations, max_new, micro, steps, rows = 7, 12, 128, 12, 3, 2048
+    tokenizer = tiny.build_tokenizer()
+    if args.device == "cuda" and tiny.SHARED_DATA.joinpath("qwen2.5-tokenizer").is_dir():
+        tokenizer = grpo.load_tokenizer(str(tiny.SHARED_DATA / "qwen2.5-tokenizer"))
+    model = build_model(args, tokenizer, device)
+    examples = [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
+                 "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in tiny.word_problems(64, seed=3)]
+    prompts = [ex["prompt"] for ex in examples[:batch] for _ in range(generations)]
+    cfg = grpo.Config(batch_size=batch, num_generations=generations, max_completion_length=max_new,
+                      micro_batch_size=micro, num_steps=steps, report_to="none", save_steps=10**6,
+                      log_completions_steps=10**6, learning_rate=5e-6)
+    params = sum(p.numel() for p in model.parameters())
+    repeats = 1 if args.quick or args.device == "cuda" else 2
+
+    rollout = bench_rollout(model, tokenizer, prompts, max_new, device, repeats)
+    update = bench_update(model, tokenizer, prompts, cfg, device, repeats)
+    step = bench_steps(model, tokenizer, examples, cfg, device)
+    peak_gb = peak_memory_gb(device)
+    memory = bench_logprob_memory(device, rows)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    print(f"\ngrpo_from_scratch benchmark | {time.strftime('%Y-%m-%d')} | {name} | torch {torch.__version__}")
+    print(f"model: {'Qwen2.5-1.5B architecture, random weights' if args.device == 'cuda' else 'tiny Qwen2 (hidden 128, 4 layers)'},"
+          f" {params / 1e6:.1f}M parameters, {str(next(model.parameters()).dtype).removeprefix('torch.')}")
+    print(f"shape: {batch} prompts x {generations} completions, {max_new} new tokens, micro_batch_size {micro}")
+    print("-" * 72)
+    rows_out = [
+        ("rollout, ours (eval, KV cache, batched)", f"{rollout['ours_tok_s']:,.0f} tokens/s ({rollout['ours_s']:.2f} s)"),
+        ("rollout, tutorial (train, checkpointing, no cache)", f"{rollout['tutorial_tok_s']:,.0f} tokens/s ({rollout['tutorial_s']:.2f} s)"),
+        ("rollout speedup", f"{rollout['ours_tok_s'] / rollout['tutorial_tok_s']:.1f}x"),
+        ("log-probs + loss + backward + optimizer", f"{update['update_s']:.2f} s ({update['sequences']} sequences)"),
+        ("full step (train_with_grpo)", f"{step['step_time']:.2f} s"),
+        ("  rollout / reference / update", f"{step['rollout_time']:.2f} / {step['reference_time']:.2f} / {step['update_time']:.2f} s"),
+        ("peak memory" + (" (CUDA allocated)" if device.type == "cuda" else " (process RSS)"), f"{peak_gb:.2f} GB"),
+        (f"log-softmax extra memory, {memory['rows']} x {QWEN_VOCAB}, fwd+bwd",
+         f"naive {memory['naive']:.3f} GB, selective {memory['selective']:.3f} GB"),
+        ("log-softmax memory ratio (selective / naive)", f"{memory['ratio']:.3f}"),
+    ]
+    for label, value in rows_out:
+        print(f"{label:<52}{value:>20}")
+    print("-" * 72)
+    results = {"rollout": rollout, "update": update, "step": step, "peak_mem_gb": peak_gb, "logprob_memory": memory,
+               "device": name, "quick": args.quick}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"BENCH rollout_speedup={rollout['ours_tok_s'] / rollout['tutorial_tok_s']:.2f} "
+          f"logprob_mem_ratio={memory['ratio']:.3f} step_s={step['step_time']:.2f} peak_mem_gb={peak_gb:.2f} "
+          f"device={name.replace(' ', '_')}")
+
+
+if __name__ == "__main__":
+    main()
