@@ -123,7 +123,7 @@ def validate_config(cfg: Config) -> None:
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"--{flag} {path}: no such file")
     model_path = Path(cfg.model_name_or_path).expanduser()
-    looks_local = model_path.exists() or cfg.model_name_or_path.startswith((".", "/", "~")) or cfg.model_name_or_path.count("/") != 1
+    looks_local = model_path.exists() or cfg.model_name_or_path.startswith((".", "/", "~")) or cfg.model_name_or_path.count("/") > 1
     if looks_local and not (model_path / "config.json").is_file():
         raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: not a model folder (no config.json) and not a hub id like Qwen/Qwen2.5-1.5B-Instruct")
 
