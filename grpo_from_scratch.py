@@ -214,6 +214,7 @@ def extract_answer_from_model_output(text: str) -> str | None:
     start = text.rfind("<answer>", 0, end) if end != -1 else -1
     if start == -1:
         return None
+    end = text.find("</answer>", start)  # the block closes at its first closing tag (a stray extra one is not content)
     return text[start + len("<answer>"):end].strip()
 
 
@@ -296,7 +297,9 @@ def drop_overlong_prompts(examples: list[dict], tokenizer, max_total_length: int
         print(f"warning: skipped {len(examples) - len(kept)} {name} prompts longer than {limit} tokens "
               f"(context {max_total_length} minus {budget} new tokens)")
     if not kept:
-        raise ConfigError(f"every {name} prompt is longer than {limit} tokens; lower the new-token budget")
+        budget_flag = "--max_completion_length" if name == "train" else "--eval_max_new_tokens"
+        raise ConfigError(f"every {name} prompt is longer than {limit} tokens (context {max_total_length} minus "
+                          f"{budget} new tokens); lower {budget_flag} ({budget})")
     return kept
 
 
@@ -309,7 +312,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id]
     for token in ("<|im_end|>", "<|endoftext|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+        # An unknown token maps to the unk id; but the token may itself be the unk token (Qwen2Tokenizer's default).
+        if isinstance(token_id, int) and (token_id != tokenizer.unk_token_id or token == tokenizer.unk_token):
             ids.append(token_id)
     return sorted({i for i in ids if i is not None})
 
@@ -492,10 +496,14 @@ def xml_count_reward(completions: list[str], answers: list[str] | None = None) -
     rewards = []
     for text in completions:
         score = 0.125 * (text.count("<reasoning>\n") == 1) + 0.125 * (text.count("\n</reasoning>\n") == 1)
+        # Characters after "\n</answer>" and its optional newline. TRL split on "\n</answer>\n", which
+        # charged a completion ending right at </answer> (every rollout: the stop token is not text) for its
+        # whole length; the penalty is for text after the answer only.
+        tail = text.split("\n</answer>")[-1].removeprefix("\n")
         if text.count("\n<answer>\n") == 1:
-            score += 0.125 - len(text.split("\n</answer>\n")[-1]) * 0.001
+            score += 0.125 - len(tail) * 0.001
         if text.count("\n</answer>") == 1:
-            score += 0.125 - (len(text.split("\n</answer>")[-1]) - 1) * 0.001
+            score += 0.125 - len(tail) * 0.001
         rewards.append(score)
     return rewards
 

@@ -1,0 +1,227 @@
+"""Issue 5: multi-process and multi-GPU paths, tested on CPU.
+
+- `torchrun --standalone --nproc_per_node 2 grpo_from_scratch.py ...` on gloo runs the tiny model to
+  completion: one run folder, world_size 2 in config.json, only rank 0 logs, the evaluation is sharded
+  and gathered, and after the steps both replicas hold identical parameters.
+- The metrics of a step are gathered across ranks before logging (checked under torchrun with rank-specific
+  rewards, since the real run's completions are not exposed per rank).
+- A refusal under torchrun reaches every rank (no rank hangs in a collective) and exits 2.
+- The nn.DataParallel path is a pass-through on CPU.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+import grpo_from_scratch as grpo
+import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "grpo_from_scratch.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def subprocess_env(tmp_path: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU even on a GPU box
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def plain_tag_tokenizer() -> PreTrainedTokenizerFast:
+    """tiny.build_tokenizer() with the answer tags as ordinary tokens: tiny.py makes them special, so decoding
+    drops them and every reward of a tiny run is 0, hence zero advantages and no policy gradient. The
+    replica-equality check means something only when the ranks' gradients are non-zero and differ."""
+    data = json.loads(tiny.build_tokenizer().backend_tokenizer.to_str())
+    for token in data["added_tokens"]:
+        if token["content"] in tiny.TAG_TOKENS:
+            token["special"] = False
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = tiny.CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    return tiny.write_run_inputs(tmp_path_factory.mktemp("dist-inputs"), tokenizer=plain_tag_tokenizer())
+
+
+def without_run_name(args: list[str]) -> list[str]:
+    at = args.index("--run_name")
+    return args[:at] + args[at + 2:]
+
+
+def torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, *args], cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(inputs, tmp_path_factory):
+    """`torchrun --standalone --nproc_per_node 2 grpo_from_scratch.py <tiny args> --num_steps 2`, with no
+    --run_name, so the ranks must agree on the time-stamped folder name."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
+    output_dir = tmp_path / "out"
+    args = without_run_name(tiny.run_args(inputs, output_dir, max_completion_length=24)) + ["--num_steps", "2"]
+    result = torchrun([str(SCRIPT), *args], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result, output_dir, tmp_path
+
+
+def test_torchrun_two_ranks_run_to_completion(two_rank_run, inputs):
+    result, output_dir, _ = two_rank_run
+    runs = [p for p in output_dir.iterdir()]
+    assert len(runs) == 1 and runs[0].is_dir(), runs
+    run_dir = runs[0]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2 and config["run_name"] == run_dir.name
+    assert [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]  # only rank 0 logs
+    # Only rank 0 prints.
+    assert sum(line.startswith("run folder ") for line in result.stdout.splitlines()) == 1
+    assert "world size 2" in result.stdout and result.stdout.count("eval before: accuracy") == 1
+    # The evaluation was split across the ranks and gathered: all 8 questions, each once.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["before"]["n"] == summary["after"]["n"] == 8
+    assert [r["index"] for r in grpo.read_jsonl(run_dir / "eval_after.jsonl")] == list(range(8))
+    # Every rank saved its RNG state; only rank 0 saved the weights.
+    checkpoint = run_dir / "checkpoint"
+    assert {p.name for p in checkpoint.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_torchrun_replicas_identical_after_training(two_rank_run, inputs):
+    _, output_dir, _ = two_rank_run
+    run_dir = next(output_dir.iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    checksums = summary["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1], checksums
+    # The equality is not trivial: the ranks had (different) non-zero gradients and the weights moved.
+    metrics = grpo.read_jsonl(run_dir / "metrics.jsonl")
+    assert any(r["grad_norm"] > 0 and r["reward_std"] > 0 for r in metrics), metrics
+    final, initial = load_file(str(run_dir / "model" / "model.safetensors")), load_file(str(Path(inputs["model"]) / "model.safetensors"))
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    # The checksum of the saved weights is rank 0's, so the summary describes the model on disk.
+    model = grpo.load_model(str(run_dir / "model"), torch.float32, "sdpa", torch.device("cpu"))
+    assert grpo.parameter_checksum(model) == checksums[0]
+
+
+GATHER_CHECK = textwrap.dedent("""
+    import json, sys
+    import torch
+    sys.path.insert(0, {repo!r})
+    import grpo_from_scratch as grpo
+
+    rank, world, device = grpo.setup_distributed()
+    assert world == 2 and grpo.gpus_per_process() == 1 and not isinstance(grpo.data_parallel(torch.nn.Linear(1, 1)), torch.nn.DataParallel)
+    cfg = grpo.Config(num_generations=2)
+    # Rank 0's four completions all earned 0, rank 1's all earned 1 per function (two functions).
+    rewards = torch.full((4, 2), float(rank))
+    rollout = {{"lengths": torch.arange(1, 5) + 4 * rank, "truncated": torch.tensor([bool(rank)] * 4)}}
+    update = {{"loss": float(rank), "kl": 0.1 * rank, "entropy": 1.0, "clip_ratio/low_mean": 0.0,
+               "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.0, "grad_norm": 0.5}}
+    timings = {{"step_time": 1.0, "rollout_time": 1.0, "reference_time": 0.0, "update_time": 0.0}}
+    metrics = grpo.step_metrics(cfg, rollout, rewards, ["a", "b"], update, {{"step": 1, "skipped_steps": 0}}, device, timings)
+    # agree_on_rank0: rank 0 computes (the run folder name, in run()); its value, or its refusal, reaches every rank.
+    agreed = grpo.agree_on_rank0(lambda: f"computed on rank {{rank}}")
+
+    def refuse():
+        raise grpo.ConfigError(f"refused on rank {{rank}}")
+    try:
+        grpo.agree_on_rank0(refuse)
+        refusal = None
+    except grpo.ConfigError as error:
+        refusal = str(error)
+    result = {{"metrics": metrics, "prompts": grpo.prompt_indices(32, 0, 3, 5), "any": grpo.any_rank(rank == 1, device),
+               "gathered": grpo.all_gather_cat(torch.tensor([rank, 10 + rank])).tolist(), "agreed": agreed, "refusal": refusal}}
+    with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
+        json.dump(result, handle)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_torchrun_gathers_across_ranks(tmp_path):
+    script = tmp_path / "gather_check.py"
+    script.write_text(GATHER_CHECK.format(repo=str(REPO)))
+    result = torchrun([str(script), str(tmp_path)], tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    metrics = ranks[0]["metrics"]
+    assert ranks[1]["metrics"] == metrics  # every rank computes the same figures
+    assert metrics["reward"] == 1.0 and metrics["rewards/a"] == 0.5 and metrics["rewards/b"] == 0.5  # 8 completions
+    assert metrics["reward_std"] == pytest.approx(torch.tensor([0.0] * 4 + [2.0] * 4).std().item())
+    assert metrics["frac_reward_zero_std"] == 1.0  # 4 groups, each constant within its rank
+    assert (metrics["completions/mean_length"], metrics["completions/min_length"], metrics["completions/max_length"]) == (4.5, 1.0, 8.0)
+    assert metrics["completions/clipped_ratio"] == 0.5
+    assert metrics["loss"] == 0.5 and metrics["kl"] == pytest.approx(0.05)  # averaged over ranks
+    assert metrics["tokens_per_second"] == 36.0  # all 36 tokens of both ranks, over the rollout second
+    # Each rank takes its own prompts: disjoint, and together the first 6 of the seeded order.
+    prompts = [r["prompts"] for r in ranks]
+    assert not set(prompts[0]) & set(prompts[1])
+    assert prompts[0] + prompts[1] == [int(i) for i in grpo._epoch_order(32, 5, 0)[:6]]
+    assert all(r["any"] is True for r in ranks)
+    assert all(r["gathered"] == [0, 10, 1, 11] for r in ranks)
+    assert [r["agreed"] for r in ranks] == ["computed on rank 0"] * 2
+    assert [r["refusal"] for r in ranks] == ["refused on rank 0"] * 2
+
+
+def test_torchrun_refusal_reaches_every_rank(two_rank_run, inputs):
+    """A fresh run into an existing run folder is refused; every rank exits with the one-line error (none
+    hangs in a collective), torchrun reports the failure, and the existing run is untouched."""
+    _, output_dir, tmp_path = two_rank_run
+    run_dir = next(output_dir.iterdir())
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    args = tiny.run_args(inputs, output_dir, run_name=run_dir.name)
+    result = torchrun([str(SCRIPT), *args], tmp_path, timeout=180)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("--run_name" in line and "already holds a run" in line for line in errors), result.stderr[-3000:]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+
+# %% nn.DataParallel: a pass-through on CPU
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour of nn.DataParallel")
+def test_data_parallel_is_a_pass_through_on_cpu():
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.tiny_model(tokenizer).eval()
+    assert grpo.gpus_per_process() == 1
+    bare = grpo.PerTokenLogProbs(model)
+    wrapped = grpo.data_parallel(bare)
+    assert isinstance(wrapped, nn.DataParallel) and wrapped.module is bare and wrapped.device_ids == []
+
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (5, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # a left-padded row
+    with torch.no_grad():
+        expected = bare(input_ids, attention_mask, 6, 0.7)
+        assert torch.equal(wrapped(input_ids, attention_mask, 6, 0.7), expected)
+        log_probs, entropy = wrapped(input_ids, attention_mask, 6, 0.7, with_entropy=True)
+        assert torch.equal(log_probs, expected) and entropy.shape == (5, 6)
+        # compute_log_probs through the wrapper, in micro-batches of 2: the same numbers, row by row.
+        chunked = grpo.compute_log_probs(wrapped, input_ids, attention_mask, 6, 0.7, micro_batch_size=2)
+        assert torch.allclose(chunked, expected, atol=1e-5)
+
+    # Rollouts: the generator module, wrapped or bare, gives the same greedy completions.
+    kwargs = grpo.decoding_kwargs(tokenizer, 8, None)
+    generator = grpo.BatchGenerator(model, kwargs)
+    prompts = tokenizer([grpo.build_prompt(q["question"], tokenizer) for q in tiny.word_problems(3, seed=4)],
+                        return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    bare_out = generator(prompts["input_ids"], prompts["attention_mask"])
+    wrapped_out = grpo.data_parallel(generator)(prompts["input_ids"], prompts["attention_mask"])
+    assert bare_out.shape == (3, 8) and torch.equal(wrapped_out, bare_out)
+    rollout = grpo.generate_completions(model, tokenizer, [grpo.build_prompt("What is 1 + 1?", tokenizer)], None, 8)
+    assert rollout["completion_ids"].shape[1] <= 8 and len(rollout["completions"]) == 1

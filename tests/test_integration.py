@@ -1,0 +1,459 @@
+"""Integration tests on a tiny randomly initialised Qwen2ForCausalLM: rollouts, sampling, log-probs,
+evaluation, training steps, and the whole script run as a subprocess writing its run record.
+
+CPU only, offline. The real Qwen2.5 tokenizer from ../shared/data is used where present (skipped otherwise).
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import grpo_from_scratch as grpo
+import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN_TOKENIZER = tiny.SHARED_DATA / "qwen2.5-tokenizer"
+TRL_FUNCS = ["exact_match", "integer", "strict_format", "soft_format", "xml_count"]
+ISSUE7_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/min_length",
+               "completions/max_length", "completions/clipped_ratio", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
+               "clip_ratio/region_mean", "entropy", "loss", "grad_norm", "learning_rate", "step_time", "rollout_time",
+               "tokens_per_second"]
+SUMMARY_KEYS = {"accuracy", "strict_accuracy", "format_rate", "truncation_rate", "n"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers make every op
+    wait milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+def stopping_model(tokenizer, stop_bias=2.5, tag_bias=2.0):
+    """The tiny model with an output bias towards both stop tokens (and the answer tags), so a short
+    rollout has completions that stop on either id and completions that hit the length limit."""
+    model = tiny.tiny_model(tokenizer).eval()
+    bias = torch.zeros(len(tokenizer))
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        bias[tokenizer.convert_tokens_to_ids(token)] = stop_bias
+    for token in tiny.TAG_TOKENS:
+        bias[tokenizer.convert_tokens_to_ids(token)] = tag_bias
+    model.lm_head.bias = nn.Parameter(bias, requires_grad=False)
+    return model
+
+
+def prompts_of_varied_length(tokenizer, count=3):
+    questions = [row["question"] for row in tiny.word_problems(count - 1, seed=5)] + ["Hi?"]
+    return [grpo.build_prompt(q, tokenizer) for q in questions]
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------------
+def test_generate_completions_shapes_and_masks(tokenizer):
+    model = stopping_model(tokenizer)
+    prompts = prompts_of_varied_length(tokenizer) * 4  # 12 rows, 3 prompt lengths
+    max_new = 12
+    torch.manual_seed(0)
+    out = grpo.generate_completions(model, tokenizer, prompts, temperature=1.0, max_new_tokens=max_new)
+    stop_ids = grpo.stop_token_ids(tokenizer)
+    n = len(prompts)
+
+    # Prompts: left-padded, padding holds the pad id, the rest is exactly the tokenised prompt.
+    prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+    assert prompt_ids.shape == prompt_mask.shape and prompt_ids.shape[0] == n
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        pad = prompt_ids.shape[1] - len(ids)
+        assert prompt_mask[i].tolist() == [0] * pad + [1] * len(ids)
+        assert prompt_ids[i, pad:].tolist() == ids
+        assert torch.all(prompt_ids[i, :pad] == tokenizer.pad_token_id)
+    assert prompt_mask.sum(1).unique().numel() >= 2 and prompt_mask[:, 0].sum() < n  # really ragged
+
+    # Completions: the mask is 1 up to and including the first stop token, trimmed to the longest.
+    ids, mask, lengths, truncated = out["completion_ids"], out["completion_mask"], out["lengths"], out["truncated"]
+    assert ids.shape == mask.shape == (n, int(lengths.max())) and ids.shape[1] <= max_new
+    assert torch.equal(mask, grpo.create_completion_mask(ids, stop_ids))
+    assert torch.equal(lengths, mask.sum(1))
+    first_stops = set()
+    for i in range(n):
+        row, length = ids[i].tolist(), int(lengths[i])
+        stop_positions = [t for t, token in enumerate(row) if token in stop_ids]
+        if truncated[i]:
+            assert not stop_positions and length == max_new
+            text_ids = row[:length]
+        else:
+            assert stop_positions and stop_positions[0] == length - 1
+            first_stops.add(row[length - 1])
+            text_ids = row[:length - 1]
+        assert out["completions"][i] == tokenizer.decode(text_ids, skip_special_tokens=True)
+    assert truncated.any() and not truncated.all()   # the batch really has both kinds
+    assert first_stops == set(stop_ids)                # and stops on either id
+    assert len(out["completions"]) == n
+
+
+def test_rollouts_run_in_eval_mode_with_the_kv_cache(tokenizer):
+    """As in training: the model is in train mode with gradient checkpointing on (which turns the cache
+    off); a rollout must switch to eval mode, feed one new token per step, and switch back."""
+    model = tiny.tiny_model(tokenizer)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    seen = []
+
+    def record(module, args, kwargs):
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        seen.append((module.training, tokens.shape[1]))
+
+    handle = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        prompts = prompts_of_varied_length(tokenizer, 2)
+        out = grpo.generate_completions(model, tokenizer, prompts, temperature=1.0, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert model.training  # restored
+    assert all(not training for training, _ in seen)
+    prompt_len = out["prompt_ids"].shape[1]
+    assert seen[0][1] == prompt_len and [n for _, n in seen[1:]] == [1] * (len(seen) - 1)
+    assert len(seen) == out["completion_ids"].shape[1]
+
+
+def test_sampling_ignores_the_models_generation_config(tokenizer):
+    model = tiny.tiny_model(tokenizer).eval()
+    model.generation_config.do_sample = True
+    model.generation_config.top_k = 1          # if this leaked in, every sample would be the greedy one
+    model.generation_config.top_p = 0.01
+    prompt = grpo.build_prompt(tiny.word_problems(1, seed=9)[0]["question"], tokenizer)
+    prompts = [prompt] * 6
+    torch.manual_seed(1)
+    sampled = grpo.generate_completions(model, tokenizer, prompts, temperature=1.0, max_new_tokens=8)
+    assert len({tuple(row) for row in sampled["completion_ids"].tolist()}) >= 5
+    greedy = grpo.generate_completions(model, tokenizer, prompts, temperature=None, max_new_tokens=8)
+    assert len({tuple(row) for row in greedy["completion_ids"].tolist()}) == 1
+    assert len(set(greedy["completions"])) == 1
+    assert model.generation_config.top_k == 1  # not modified either
+
+    # Control: the same call without the explicit settings does pick up top_k=1 (so the test can fail).
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    leaked = model.generate(**encoded, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    assert len({tuple(row) for row in leaked[:, encoded["input_ids"].shape[1]:].tolist()}) == 1
+
+
+def test_sampled_log_probs_equal_recomputed_log_probs(tokenizer):
+    """The distribution sampled from (softmax(logits / T)) is the one compute_log_probs scores."""
+    temperature, max_new = 0.7, 10
+    model = stopping_model(tokenizer)
+    prompts = prompts_of_varied_length(tokenizer) * 2
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        out = model.generate(**encoded, **grpo.decoding_kwargs(tokenizer, max_new, temperature),
+                             output_logits=True, return_dict_in_generate=True)
+    prompt_len = encoded["input_ids"].shape[1]
+    completion_ids = out.sequences[:, prompt_len:]
+    raw_logits = torch.stack(out.logits, dim=1).float()  # before any processor
+    sampled = torch.log_softmax(raw_logits / temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
+    mask = grpo.create_completion_mask(completion_ids, grpo.stop_token_ids(tokenizer))
+    assert mask.sum(1).unique().numel() > 1  # ragged: some completions stopped early
+    input_ids = torch.cat([encoded["input_ids"], completion_ids], 1)
+    attention_mask = torch.cat([encoded["attention_mask"], mask], 1)
+    keep = completion_ids.shape[1]
+    on = mask.bool()
+    with torch.no_grad():
+        recomputed = grpo.compute_log_probs(model, input_ids, attention_mask, keep, temperature, micro_batch_size=4)
+        wrapped = grpo.compute_log_probs(nn.DataParallel(grpo.PerTokenLogProbs(model)), input_ids, attention_mask, keep,
+                                         temperature, micro_batch_size=2)
+        untempered = grpo.compute_log_probs(model, input_ids, attention_mask, keep, 1.0, micro_batch_size=4)
+    assert recomputed.shape == (len(prompts), keep)
+    torch.testing.assert_close(recomputed[on], sampled[on], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wrapped[on], sampled[on], rtol=1e-4, atol=1e-4)
+    assert (untempered[on] - sampled[on]).abs().max() > 1e-2  # the temperature matters
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+def test_evaluate_model_lenient_vs_strict(monkeypatch, tokenizer):
+    examples = [{"question": f"q{i}", "prompt": f"prompt {'x' * i}", "answer": gold}
+                for i, gold in enumerate(["7", "1,350", "9", "4", "12"])]
+    canned = {
+        "prompt ": ("<reasoning>\n3 + 4\n</reasoning>\n<answer>\n7\n</answer>", False),  # right, tagged, formatted
+        "prompt x": ("She has $1,350.", False),                                          # right number, no tags
+        "prompt xx": ("<answer>3</answer> or maybe 9", False),                           # wrong tag wins
+        "prompt xxx": ("I think the answer is", True),                                   # truncated, no number
+        "prompt xxxx": ("<reasoning>r</reasoning><answer>12</answer>", False),           # right, tagged, formatted
+    }
+    calls = []
+
+    def fake_generate(model, tok, prompts, temperature, max_new_tokens):
+        calls.append((len(prompts), temperature, max_new_tokens))
+        return {"completions": [canned[p][0] for p in prompts],
+                "truncated": torch.tensor([canned[p][1] for p in prompts])}
+
+    monkeypatch.setattr(grpo, "generate_completions", fake_generate)
+    result = grpo.evaluate_model(None, tokenizer, examples, batch_size=2, max_new_tokens=33)
+    assert [c[0] for c in calls] == [2, 2, 1] and all(c[1] is None and c[2] == 33 for c in calls)  # greedy, batched
+    assert result["n"] == 5
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["strict_accuracy"] == pytest.approx(2 / 5)
+    assert result["format_rate"] == pytest.approx(2 / 5)
+    assert result["truncation_rate"] == pytest.approx(1 / 5)
+    records = result["records"]
+    assert [r["question"] for r in records] == [ex["question"] for ex in examples]  # back in input order
+    assert [r["gold"] for r in records] == [ex["answer"] for ex in examples]
+    assert [r["correct"] for r in records] == [True, True, False, False, True]
+    assert [r["extracted"] for r in records] == ["7", None, "3", None, "12"]
+    assert [r["completion"] for r in records] == [canned[ex["prompt"]][0] for ex in examples]
+
+
+def test_evaluate_model_on_the_tiny_model(tokenizer):
+    model = tiny.tiny_model(tokenizer)
+    rows = tiny.word_problems(3, seed=4)
+    examples = [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
+                 "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in rows]
+    model.train()
+    result = grpo.evaluate_model(model, tokenizer, examples, batch_size=2, max_new_tokens=6)
+    assert model.training  # put back in the mode it was in
+    assert SUMMARY_KEYS | {"records"} <= set(result)
+    assert result["n"] == 3 and len(result["records"]) == 3
+    records = result["records"]
+    for key, field in (("accuracy", "correct"), ("strict_accuracy", "strict_correct"), ("format_rate", "formatted"),
+                       ("truncation_rate", "truncated")):
+        assert result[key] == pytest.approx(sum(r[field] for r in records) / 3)
+    for record, example in zip(records, examples):
+        assert {"question", "gold", "completion", "extracted", "correct"} <= set(record)
+        assert record["question"] == example["question"] and record["gold"] == example["answer"]
+        assert record["extracted"] == grpo.extract_answer_from_model_output(record["completion"])
+    again = grpo.evaluate_model(model, tokenizer, examples, batch_size=3, max_new_tokens=6)
+    assert [r["completion"] for r in again["records"]] == [r["completion"] for r in records]  # greedy: deterministic
+
+
+# --------------------------------------------------------------------------------------------
+# Training in process
+# --------------------------------------------------------------------------------------------
+class RecordingLogger:
+    def __init__(self):
+        self.steps, self.completions = [], []
+
+    def log_step(self, metrics):
+        self.steps.append(metrics)
+
+    def log_completions(self, step, example, rollout, rewards_per_func, func_names, advantages):
+        self.completions.append((step, list(rollout["completions"]), rewards_per_func.clone(), advantages.clone()))
+
+
+def char_length_reward(completions, answers):
+    """Varied rewards even for equal token counts, so advantages are non-zero."""
+    return [float(len(c)) for c in completions]
+
+
+def train_examples(tokenizer, count=6):
+    rows = tiny.word_problems(count, seed=1)
+    return [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
+             "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in rows]
+
+
+def test_train_with_grpo_updates_the_weights(monkeypatch, tokenizer):
+    model = tiny.tiny_model(tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    cfg = grpo.Config(num_steps=2, batch_size=2, num_generations=4, max_completion_length=8, micro_batch_size=3,
+                      learning_rate=1e-3, beta=0.04, report_to="none", temperature=1.0)
+    calls = []
+    real_compute_log_probs = grpo.compute_log_probs
+    monkeypatch.setattr(grpo, "compute_log_probs", lambda *a, **k: calls.append(1) or real_compute_log_probs(*a, **k))
+    logger = RecordingLogger()
+    torch.manual_seed(0)
+    trained = grpo.train_with_grpo(model, tokenizer, train_examples(tokenizer), cfg,
+                                   reward_funcs={"chars": char_length_reward}, logger=logger)
+    assert trained is model
+    assert len(calls) == 2  # mu == 1: one reference forward per step, no old-policy forward
+
+    assert [m["step"] for m in logger.steps] == [1, 2]
+    for metrics in logger.steps:
+        assert set(ISSUE7_KEYS) <= set(metrics) and "rewards/chars" in metrics
+        assert metrics["grad_norm"] > 0 and math.isfinite(metrics["loss"])
+        assert metrics["reward"] == pytest.approx(metrics["rewards/chars"])
+        assert metrics["clip_ratio/region_mean"] == 0.0  # on-policy: ratio 1, nothing clipped
+    assert logger.steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting policy
+    assert logger.steps[1]["kl"] > 1e-7                            # after one update it is not
+
+    # The logged rewards are the reward function applied to the decoded completions, and the advantages
+    # are group-relative.
+    step, completions, rewards, advantages = logger.completions[0]
+    torch.testing.assert_close(rewards[:, 0], torch.tensor(char_length_reward(completions, None)))
+
+    changed = max((model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert changed > 1e-4  # far more than AdamW's weight decay alone (lr * 0.01 * |w| ~ 1e-6)
+
+
+def test_train_with_grpo_off_policy_without_reference(monkeypatch, tokenizer):
+    """mu = 2: old log-probs are computed once per step; beta = 0: no reference model is ever made."""
+    model = tiny.tiny_model(tokenizer)
+    before = copy.deepcopy(model.state_dict())
+    cfg = grpo.Config(num_steps=1, batch_size=2, num_generations=3, max_completion_length=6, micro_batch_size=4, mu=2,
+                      beta=0.0, loss_type="bnpo", learning_rate=1e-3, report_to="none", gradient_checkpointing=False)
+
+    def no_reference(model):
+        raise AssertionError("beta == 0 must not build a reference model")
+
+    monkeypatch.setattr(grpo, "make_reference", no_reference)
+    calls = []
+    real_compute_log_probs = grpo.compute_log_probs
+    monkeypatch.setattr(grpo, "compute_log_probs", lambda *a, **k: calls.append(1) or real_compute_log_probs(*a, **k))
+    logger = RecordingLogger()
+    torch.manual_seed(3)
+    grpo.train_with_grpo(model, tokenizer, train_examples(tokenizer), cfg, reward_funcs={"chars": char_length_reward},
+                         logger=logger)
+    assert len(calls) == 1
+    (metrics,) = logger.steps
+    assert metrics["kl"] == 0.0 and metrics["grad_norm"] > 0
+    changed = max((model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert changed > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The whole script, as a person runs it
+# --------------------------------------------------------------------------------------------
+def script_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # one thread: 3x faster for a tiny model on a busy CPU
+    env.pop("NETRC", None)
+    return env
+
+
+def run_script(args: list[str], home: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, str(REPO / "grpo_from_scratch.py"), *args], cwd=REPO, env=script_env(home),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_run_record(run_dir: Path, paths: dict, steps: int, funcs: list[str], tokenizer, max_completion_length: int = 16):
+    """Everything issue 2 and issue 7 ask of the run folder, with values cross-checked."""
+    n_eval = len(read_jsonl(Path(paths["eval"])))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 1 and config["num_steps"] == steps and config["run_name"] == run_dir.name
+    assert config["reward_funcs"] == ",".join(funcs) and config["model_name_or_path"] == paths["model"]
+    assert config["resolved_dtype"] == "float32"
+
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        missing = [k for k in ISSUE7_KEYS + [f"rewards/{f}" for f in funcs] if k not in m]
+        assert not missing, missing
+        assert all(math.isfinite(m[k]) for k in ISSUE7_KEYS)
+        assert m["reward"] == pytest.approx(sum(m[f"rewards/{f}"] for f in funcs), abs=1e-5)
+        assert m["reward_std"] >= 0 and 0 <= m["frac_reward_zero_std"] <= 1
+        assert 1 <= m["completions/min_length"] <= m["completions/mean_length"] <= m["completions/max_length"] \
+            <= max_completion_length
+        assert 0 <= m["completions/clipped_ratio"] <= 1
+        assert m["kl"] >= 0 and m["entropy"] > 0 and m["grad_norm"] >= 0
+        assert m["clip_ratio/low_mean"] == m["clip_ratio/high_mean"] == m["clip_ratio/region_mean"] == 0.0  # mu == 1
+        assert m["learning_rate"] == 1e-3
+        assert m["step_time"] >= m["rollout_time"] > 0
+        assert m["tokens_per_second"] == pytest.approx(m["completions/mean_length"] * 8 / m["rollout_time"], rel=1e-6)
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+    samples = read_jsonl(run_dir / "completions.jsonl")
+    assert [s["step"] for s in samples] == [step for step in range(1, steps + 1) for _ in range(4)]
+    for s in samples:
+        assert {"question", "answer", "completion", "reward", "advantage"} <= set(s)
+        for f in funcs:  # the logged reward is the registry's function applied to the logged text
+            assert s[f"rewards/{f}"] == pytest.approx(grpo.REWARD_FUNCS[f]([s["completion"]], [s["answer"]])[0])
+        assert s["reward"] == pytest.approx(sum(s[f"rewards/{f}"] for f in funcs))
+
+    eval_rows = read_jsonl(Path(paths["eval"]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for when in ("before", "after"):
+        records = read_jsonl(run_dir / f"eval_{when}.jsonl")
+        assert len(records) == n_eval
+        for record, row in zip(records, eval_rows):
+            assert {"question", "gold", "completion", "extracted", "correct"} <= set(record)
+            assert record["question"] == row["question"]
+            assert record["gold"] == grpo.extract_answer_from_dataset(row["answer"])
+            assert record["extracted"] == grpo.extract_answer_from_model_output(record["completion"])
+        assert SUMMARY_KEYS <= set(summary[when]) and summary[when]["n"] == n_eval
+        assert summary[when]["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / n_eval)
+        assert summary[when]["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in records) / n_eval)
+        assert all(0 <= summary[when][k] <= 1 for k in SUMMARY_KEYS - {"n"})
+    assert summary["steps"] == steps
+
+    png = (run_dir / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    import matplotlib.image
+    image = matplotlib.image.imread(run_dir / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    start = AutoModelForCausalLM.from_pretrained(paths["model"])
+    assert saved.config.vocab_size == start.config.vocab_size
+    assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters()))  # it trained
+    saved_tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert grpo.build_prompt("Q?", saved_tokenizer) == grpo.build_prompt("Q?", tokenizer)
+    assert grpo.stop_token_ids(saved_tokenizer) == grpo.stop_token_ids(tokenizer)
+    assert len(grpo.stop_token_ids(saved_tokenizer)) == 2  # <|im_end|> and <|endoftext|>
+    state = json.loads((run_dir / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == steps
+
+
+def test_script_run_writes_the_full_record_trl_rewards_and_offline_wandb(tmp_path, tokenizer):
+    """One subprocess: 3 steps, the TRL demo's five rewards, --report_to wandb with no login anywhere
+    (a fresh HOME, no WANDB_* variables, stdin closed): it must log offline and never prompt."""
+    paths = tiny.write_run_inputs(tmp_path, tokenizer=tokenizer)
+    out = tmp_path / "outputs"
+    args = tiny.run_args(paths, out, num_steps=3, reward_funcs=",".join(TRL_FUNCS), report_to="wandb")
+    result = run_script(args, tmp_path / "home")
+    run_dir = out / "tiny"
+    check_run_record(run_dir, paths, steps=3, funcs=TRL_FUNCS, tokenizer=tokenizer)
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+    assert "wandb sync" in result.stdout + result.stderr  # it says how to upload later
+    assert "eval after" in result.stdout
+
+
+def qwen_model_inputs(folder: Path) -> tuple[dict, object]:
+    """A tiny random Qwen2ForCausalLM with Qwen2.5's vocabulary size, saved with the real tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=151645, pad_token_id=151643)
+    model_dir = folder / "tiny-qwen"
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {"model": str(model_dir),
+            "train": str(tiny.write_jsonl(folder / "train.jsonl", tiny.word_problems(32, seed=1))),
+            "eval": str(tiny.write_jsonl(folder / "eval.jsonl", tiny.word_problems(8, seed=2)))}, tokenizer
+
+
+@pytest.mark.skipif(not (QWEN_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/data/qwen2.5-tokenizer is absent")
+def test_script_run_with_the_real_qwen_tokenizer(tmp_path):
+    """Default rewards (correctness, format), 2 steps, the real Qwen2.5 tokenizer and its 151,936-row vocabulary."""
+    paths, tokenizer = qwen_model_inputs(tmp_path)
+    out = tmp_path / "outputs"
+    run_script(tiny.run_args(paths, out), tmp_path / "home")
+    run_dir = out / "tiny"
+    check_run_record(run_dir, paths, steps=2, funcs=["correctness", "format"], tokenizer=tokenizer)
+    assert grpo.stop_token_ids(tokenizer) == [151643, 151645]
+    assert not (run_dir / "wandb").exists()  # --report_to none
