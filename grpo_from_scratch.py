@@ -83,7 +83,7 @@ class ConfigError(Exception):
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 # Flags that may differ between a run and its --resume without changing the result.
-RESUME_MAY_CHANGE = {"resume", "run_name", "report_to", "wandb_project", "save_steps", "log_completions_steps", "eval_batch_size"}
+RESUME_MAY_CHANGE = {"resume", "run_name", "output_dir", "report_to", "wandb_project", "save_steps", "log_completions_steps", "eval_batch_size"}
 
 
 def validate_config(cfg: Config) -> None:
@@ -222,12 +222,14 @@ def extract_answer_from_model_output(text: str) -> str | None:
 # commas, an optional decimal part, and an optional "/denominator".
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_LATEX_FRACTION = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
 
 
 def parse_number(text: str | None) -> float | None:
     """The number an answer string denotes (the last one when several appear), or None."""
     if text is None:
         return None
+    text = _LATEX_FRACTION.sub(r"\1/\2", text)
     boxed = _BOXED.findall(text)
     if boxed:
         text = boxed[-1]
@@ -492,7 +494,7 @@ def soft_format_reward(completions: list[str], answers: list[str] | None = None)
 
 
 def xml_count_reward(completions: list[str], answers: list[str] | None = None) -> list[float]:
-    """TRL demo: 0.125 per newline-delimited tag seen exactly once, minus 0.001 per character after the answer."""
+    """TRL demo: 0.125 per newline-delimited tag seen exactly once; each answer-tag term loses 0.001 per character after the answer."""
     rewards = []
     for text in completions:
         score = 0.125 * (text.count("<reasoning>\n") == 1) + 0.125 * (text.count("\n</reasoning>\n") == 1)
@@ -794,7 +796,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
     state = {"step": 0, "reference_step": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
-        state.update(resume_state["trainer_state"])
+        state.update(resume_state["trainer_state"], nonfinite_in_a_row=0)  # a resume gets a fresh allowance
         restore_rng_state(resume_state["rng"])
     if cfg.beta > 0 and reference_model is None:
         reference_model = make_reference(model)
@@ -1000,7 +1002,14 @@ def barrier() -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """Records of a jsonl file; a torn last line (power loss mid-write) is dropped."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return records
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -1034,8 +1043,9 @@ class RunLogger:
                           resume="allow", dir=str(self.run_dir), config=asdict(self.cfg), mode=mode)
 
     def log_step(self, metrics: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:  # NaN is not JSON: a skipped step logs null
+            handle.write(json.dumps(finite) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
@@ -1088,7 +1098,7 @@ def plot_curves(run_dir: Path) -> None:
     records = read_jsonl(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     steps = [r["step"] for r in records]
-    series = lambda key: [r.get(key, float("nan")) for r in records]  # noqa: E731
+    series = lambda key: [float("nan") if r.get(key) is None else r[key] for r in records]  # noqa: E731
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     (reward_ax, accuracy_ax, kl_ax), (length_ax, signal_ax, time_ax) = axes
     reward_ax.plot(steps, series("reward"), label="total", linewidth=2)
@@ -1142,14 +1152,14 @@ def parse_config(argv: list[str] | None) -> Config:
 def resolve_run_dir(cfg: Config) -> Path:
     """The run folder: a new one for a fresh run (never an existing run's), or the run to resume."""
     output_dir = Path(cfg.output_dir)
-    if cfg.resume:
+    if cfg.resume:  # any run folder with a config.json; without a checkpoint yet, training restarts at step 0
         if cfg.run_name is None:
-            runs = [d for d in output_dir.glob("*") if find_checkpoint(d)] if output_dir.is_dir() else []
+            runs = [d for d in output_dir.glob("*") if (d / "config.json").is_file()] if output_dir.is_dir() else []
             if not runs:
-                raise ConfigError(f"--resume: no run with a checkpoint under {output_dir}/")
-            return max(runs, key=lambda d: find_checkpoint(d).stat().st_mtime)
-        if not find_checkpoint(output_dir / cfg.run_name):
-            raise ConfigError(f"--resume: no checkpoint in {output_dir / cfg.run_name}")
+                raise ConfigError(f"--resume: no run under {output_dir}/")
+            return max(runs, key=lambda d: max(entry.stat().st_mtime for entry in d.iterdir()))
+        if not (output_dir / cfg.run_name / "config.json").is_file():
+            raise ConfigError(f"--resume: {output_dir / cfg.run_name} holds no run (no config.json)")
         return output_dir / cfg.run_name
     name = cfg.run_name or f"{Path(cfg.model_name_or_path).name}-grpo-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = output_dir / name
@@ -1249,7 +1259,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     seed_everything(cfg.seed + rank)
     run_dir = Path(agree_on_rank0(lambda: str(resolve_run_dir(cfg))))
     checkpoint = find_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint:
+    if cfg.resume:
         check_resume_compatible(cfg, run_dir)
     resume_state = load_checkpoint(checkpoint) if checkpoint else None
 
@@ -1275,8 +1285,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
         print(f"run folder {run_dir} | device {device.type}, {gpus} GPU(s) per process, world size {world_size} | "
               f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
               f"{len(train_examples)} train / {len(eval_examples)} eval questions"
-              + (f" | resuming from {checkpoint}" if checkpoint else ""))
-        if not checkpoint:
+              + (f" | resuming from {checkpoint or 'step 0 (no checkpoint yet)'}" if cfg.resume else ""))
+        if not cfg.resume:
             (run_dir / "config.json").write_text(json.dumps(
                 {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size, "gpus_per_process": gpus,
                  "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
@@ -1284,7 +1294,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
                 indent=2))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.exists() else {}
-    logger = RunLogger(run_dir, cfg, resume_state and resume_state["trainer_state"]["step"]) if is_main else None
+    resume_step = resume_state["trainer_state"]["step"] if checkpoint else 0
+    logger = RunLogger(run_dir, cfg, resume_step if cfg.resume else None) if is_main else None
     started = time.perf_counter()
 
     def evaluate_and_record(when: str) -> None:

@@ -263,11 +263,11 @@ def test_resume_with_changed_flag_refused(finished_run, capsys, no_model_load):
     assert folder_fingerprint(run_dir) == before
 
 
-def test_resume_without_checkpoint_refused(finished_run, inputs, tmp_path, capsys, no_model_load):
-    # A run folder without a checkpoint (a run killed during its first evaluation).
+def test_resume_without_a_run_refused(finished_run, inputs, tmp_path, capsys, no_model_load):
+    # A folder that holds no run (no config.json).
     _, run_dir = finished_run
     partial = tmp_path / "out" / "partial"
-    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint*"))
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint*", "config.json"))
     line = refusal(tiny.run_args(inputs, tmp_path / "out", run_name="partial") + ["--resume"], capsys)
     assert "--resume" in line and str(partial) in line
     # A run name that does not exist, and no run at all under --output_dir.
@@ -278,6 +278,23 @@ def test_resume_without_checkpoint_refused(finished_run, inputs, tmp_path, capsy
     del args[at:at + 2]
     line = refusal(args + ["--resume"], capsys)
     assert "--resume" in line and str(tmp_path / "empty") in line
+
+
+def test_resume_before_first_checkpoint_restarts_in_place(finished_run, tmp_path):
+    """A run stopped before its first checkpoint (say, during training step 1) resumes from step 0
+    in its own folder, keeping the before-evaluation it already recorded."""
+    argv, run_dir = finished_run
+    partial = tmp_path / "out" / "tiny"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint*", "model", "eval_after.jsonl"))
+    summary = json.loads((partial / "summary.json").read_text())
+    (partial / "summary.json").write_text(json.dumps({"before": summary["before"]}))
+    grpo.write_jsonl(partial / "metrics.jsonl", grpo.read_jsonl(partial / "metrics.jsonl")[:1])  # a logged step 1, never saved
+    before = folder_fingerprint(partial)["eval_before.jsonl"]
+    at = argv.index("--output_dir")
+    grpo.main(argv[:at] + ["--output_dir", str(tmp_path / "out")] + argv[at + 2:] + ["--resume"])
+    assert metric_steps(partial) == [1, 2]
+    assert folder_fingerprint(partial)["eval_before.jsonl"] == before
+    assert grpo.find_checkpoint(partial) == partial / "checkpoint"
 
 
 # %% Non-finite guard
@@ -379,6 +396,10 @@ def test_main_reports_nonfinite_stop_with_exit_1(inputs, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "3 steps in a row" in err and "--resume" in err and "Traceback" not in err
     assert grpo.load_checkpoint(tmp_path / "tiny" / "checkpoint")["trainer_state"]["step"] == 3
+    # metrics.jsonl stays standard JSON (NaN is not): the skipped steps' non-finite values are null
+    lines = (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in lines]
+    assert [r["skipped_steps"] for r in records] == [1, 2, 3] and all(r["loss"] is None for r in records)
 
 
 # %% Atomic checkpoints

@@ -93,6 +93,8 @@ def test_extract_answer_from_model_output(text, expected):
     ("1,000,000", 1_000_000.0),
     ("12.", 12.0),
     ("\\boxed{1,234}", 1234.0),
+    ("\\boxed{\\frac{3}{4}}", 0.75),
+    ("\\dfrac{1}{2} of them", 0.5),
     ("so the result is \\boxed{72} (not 5)", 72.0),  # a boxed answer wins over later numbers
     ("-5", -5.0),
     ("the temperature fell to -12 degrees", -12.0),
@@ -787,3 +789,13 @@ def test_prompt_indices():
     other = [i for step in range(5) for i in grpo.prompt_indices(n, step, batch, seed=8)]
     assert other != flat
     assert grpo.prompt_indices(n, 3, batch, seed=7) == first[3]  # depends only on (seed, step): a resume sees the same
+
+
+def test_read_jsonl_drops_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')
+    assert grpo.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage before the last line is an error, not silently skipped
+    with pytest.raises(json.JSONDecodeError):
+        grpo.read_jsonl(path)
+    assert grpo.read_jsonl(tmp_path / "absent.jsonl") == []
