@@ -789,10 +789,11 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.learning_rate)
+    policy = PerTokenLogProbs(model)  # DDP averages gradients over ranks; DataParallel splits each chunk over GPUs
     if dist.is_initialized():
-        policy = nn.parallel.DistributedDataParallel(PerTokenLogProbs(model), device_ids=[device.index] if device.type == "cuda" else None)
+        policy = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        policy = nn.DataParallel(PerTokenLogProbs(model))
+        policy = data_parallel(policy)
     state = {"step": 0, "reference_step": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
