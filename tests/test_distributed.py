@@ -19,8 +19,6 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
 
 import grpo_from_scratch as grpo
 import tiny
@@ -39,24 +37,9 @@ def subprocess_env(tmp_path: Path) -> dict:
     return env
 
 
-def plain_tag_tokenizer() -> PreTrainedTokenizerFast:
-    """tiny.build_tokenizer() with the answer tags as ordinary tokens: tiny.py makes them special, so decoding
-    drops them and every reward of a tiny run is 0, hence zero advantages and no policy gradient. The
-    replica-equality check means something only when the ranks' gradients are non-zero and differ."""
-    data = json.loads(tiny.build_tokenizer().backend_tokenizer.to_str())
-    for token in data["added_tokens"]:
-        if token["content"] in tiny.TAG_TOKENS:
-            token["special"] = False
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = tiny.CHAT_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    return tiny.write_run_inputs(tmp_path_factory.mktemp("dist-inputs"), tokenizer=plain_tag_tokenizer())
+    return tiny.write_run_inputs(tmp_path_factory.mktemp("dist-inputs"))
 
 
 def without_run_name(args: list[str]) -> list[str]:

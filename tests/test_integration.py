@@ -28,16 +28,6 @@ ISSUE7_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean
 SUMMARY_KEYS = {"accuracy", "strict_accuracy", "format_rate", "truncation_rate", "n"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers make every op
-    wait milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny.build_tokenizer()

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import grpo_from_scratch as grpo
 import tiny
@@ -31,36 +30,11 @@ SCRIPT = REPO / "grpo_from_scratch.py"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy 2-core machine OpenMP barriers only cost time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def subprocess_env(tmp_path: Path) -> dict:
     """Offline, one thread per process (two runs can share the 2 cores), no cache of the user's."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
             "HF_HOME": str(tmp_path / "hf-home")}
-
-
-def plain_tag_tokenizer() -> PreTrainedTokenizerFast:
-    """tiny.build_tokenizer() with the four answer tags as ordinary (non-special) added tokens.
-    tiny.py registers them as special tokens, so decode(skip_special_tokens=True) drops them and every
-    format/correctness reward of a tiny run is 0 (no advantage, no policy gradient). Runs whose final
-    weights are compared need a real learning signal, so they use this tokenizer."""
-    data = json.loads(tiny.build_tokenizer().backend_tokenizer.to_str())
-    for token in data["added_tokens"]:
-        if token["content"] in tiny.TAG_TOKENS:
-            token["special"] = False
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = tiny.CHAT_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +45,7 @@ def inputs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def signal_inputs(tmp_path_factory) -> dict:
     """Like `inputs`, but the tags survive decoding, so format rewards (and gradients) are not all zero."""
-    return tiny.write_run_inputs(tmp_path_factory.mktemp("signal-inputs"), tokenizer=plain_tag_tokenizer())
+    return tiny.write_run_inputs(tmp_path_factory.mktemp("signal-inputs"), )
 
 
 @pytest.fixture(scope="module")

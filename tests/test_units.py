@@ -24,16 +24,6 @@ needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file() or not (G
 GOOD = "<reasoning>\nAda has 3 pens.\nShe buys 4 more: 3 + 4 = 7.\n</reasoning>\n<answer>\n7\n</answer>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers make every op
-    wait milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny.build_tokenizer()
@@ -144,7 +134,7 @@ def test_stop_token_ids_tiny_tokenizer(tokenizer):
 def test_stop_token_ids_when_endoftext_is_the_unk_token(tmp_path, tokenizer):
     """Qwen2Tokenizer makes <|endoftext|> the unk token unless told otherwise (as for a tiny model folder
     with a Qwen2 config.json); it is still a stop token."""
-    from transformers import AutoTokenizer, Qwen2Config
+    from transformers import Qwen2Config
     tokenizer.save_pretrained(tmp_path)
     Qwen2Config(vocab_size=len(tokenizer), hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
                 intermediate_size=16, num_hidden_layers=1).save_pretrained(tmp_path)
