@@ -1,0 +1,219 @@
+"""Does it learn? A CPU proof that the trainer's GRPO improves held-out accuracy, with a negative control.
+
+The task is built like GSM8K: word problems ("Ada has 3 pens and buys 4 more. How many pens does she
+have now?" with a gold answer ending "#### 7"), prompts through `build_prompt` (system prompt + chat
+template), answers scored by the trainer's own `evaluate_model` (greedy) and rewarded by its own
+REWARD_FUNCS. Three phases, all in this file, all seeded:
+
+1. Supervised warm start of a tiny Qwen2ForCausalLM (plain cross-entropy on the completion tokens only).
+   It must end weak but not useless: held-out greedy accuracy in [0.10, 0.50] with the answer tags.
+2. GRPO with `train_with_grpo` (the code `python grpo_from_scratch.py` runs) on the train problems.
+3. The same GRPO run from the same warm start with the rewards shuffled inside each group (negative
+   control): same reward values, same group statistics, no link between a completion and its reward.
+
+Pass: after - before >= 0.25 and control_after <= before + 0.05. GRPO_LEARNING_SEED picks the seed.
+Reproduce: GRPO_LEARNING_SEED=0 python -m pytest tests/test_learning.py -s -q
+GRPO_LEARNING_EXPORT=DIR also saves the warm start and the problems there, with the command that runs
+phase 2 through `python grpo_from_scratch.py` itself (that run drew the README's curves picture).
+"""
+import copy
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tqdm.auto import tqdm
+
+import grpo_from_scratch as grpo
+import tiny
+
+SEED = int(os.environ.get("GRPO_LEARNING_SEED", "0"))
+NUM_THREADS = int(os.environ.get("GRPO_LEARNING_THREADS", "2"))
+
+# The task: single-digit addition word problems, split by question into train (RL) and held-out (eval).
+NUM_TRAIN, NUM_HELD_OUT = 400, 200
+MAX_NEW_TOKENS = 20  # the solution is 15 tokens plus <|im_end|>
+
+# The model: a Qwen2ForCausalLM of ~0.35M parameters (tiny.tiny_model; 4 heads, 2 KV heads).
+HIDDEN_SIZE, LAYERS = 128, 2
+
+# Warm start (see sft_target for the scheme).
+KNOWN_FRACTION = 0.3  # share of the 81 (a, b) facts always taught with the right sum
+CONFUSION = 0.8  # for the other facts, share of SFT examples that carry a wrong sum
+WRONG_OFFSET = 10  # the wrong sum is a + b + 10: far from the right one, so greedy picks one or the other
+SFT_LR, SFT_BATCH, SFT_STEPS = 2e-3, 32, 400  # cosine decay to zero; operand copying is fit by ~250
+MIN_FORMAT_RATE = 0.9
+
+# GRPO: the tutorial's recipe except what a tiny CPU model needs: 16 prompts x 8 completions, a 20-token
+# budget, beta 0 (no reference model to run), no gradient checkpointing, a learning rate of 1e-4
+# (20x the 1.5B recipe's 5e-6; measured over seeds, 5e-5 to 1e-4 learn as fast and far more steadily
+# than 2e-4 to 1e-3, where held-out accuracy rises and then swings by +-0.1 from step to step), and
+# 160 steps (about 75 s on 2 cores; at 60-100 steps the gain was below 0.25 for some seeds).
+GRPO_CONFIG = dict(num_steps=160, batch_size=16, num_generations=8, max_completion_length=MAX_NEW_TOKENS,
+                   temperature=1.0, learning_rate=1e-4, beta=0.0, max_grad_norm=1.0, micro_batch_size=128,
+                   gradient_checkpointing=False, reward_funcs="correctness,format", report_to="none")
+
+
+def make_examples(rows: list[dict], tokenizer) -> list[dict]:
+    """What load_gsm8k returns for a local file: question, chat prompt, gold answer after '####'."""
+    return [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
+             "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in rows]
+
+
+def split_problems(seed: int) -> tuple[list[dict], list[dict]]:
+    """Distinct GSM8K-format questions, split into train and held-out (no question in both)."""
+    rows, seen = [], set()
+    for row in tiny.word_problems(3 * (NUM_TRAIN + NUM_HELD_OUT), seed=10_000 + seed):
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            rows.append(row)
+    assert len(rows) >= NUM_TRAIN + NUM_HELD_OUT
+    return rows[:NUM_TRAIN], rows[NUM_TRAIN:NUM_TRAIN + NUM_HELD_OUT]
+
+
+def operands(question: str) -> tuple[int, int]:
+    a, b = map(int, re.findall(r"\d+", question)[:2])
+    return a, b
+
+
+def sft_target(a: int, b: int, known: set, rng: random.Random) -> str:
+    """The warm start's completion, in the tag layout SYSTEM_PROMPT asks for.
+
+    Why not plain SFT on right answers, stopped early: a tiny model learns the tags first, then to copy
+    the operands, then the sums, and its accuracy jumps from ~0.1 to ~0.9 within a few dozen steps once
+    copying clicks. Stopped before that, it samples broken layouts and GRPO learns the format reward
+    alone; stopped at the jump, where it lands is luck. So the warm start is trained to a stable state
+    instead: tags and operands always right; the sum always right for a seeded 30% of the 81 (a, b)
+    facts, and for the others wrong (a + b + 10) in 80% of the examples and right in 20%. Greedy
+    decoding then gets most known facts right (held-out accuracy 0.10-0.24 over seeds 0-4), while
+    sampling still finds the right sum now and then: right answers in the samples, wrong ones preferred,
+    the situation GRPO is for."""
+    total = a + b
+    if (a, b) not in known and rng.random() < CONFUSION:
+        total += WRONG_OFFSET
+    return f"<reasoning>\n{a} + {b} = {total}\n</reasoning>\n<answer>\n{total}\n</answer>"
+
+
+def sft_batch(examples: list[dict], tokenizer, targets: list[str]):
+    """Left-padded prompt + completion + <|im_end|>; labels only on the completion tokens."""
+    ids, labels = [], []
+    for ex, target in zip(examples, targets):
+        prompt = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(target + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        ids.append(prompt + completion)
+        labels.append([-100] * len(prompt) + completion)
+    width = max(map(len, ids))
+    pad = lambda rows, value: torch.tensor([[value] * (width - len(r)) + r for r in rows])  # noqa: E731
+    mask = pad([[1] * len(r) for r in ids], 0)
+    return pad(ids, tokenizer.pad_token_id), mask, pad(labels, -100)
+
+
+def evaluate(model, tokenizer, held_out: list[dict]) -> dict:
+    return grpo.evaluate_model(model, tokenizer, held_out, batch_size=len(held_out), max_new_tokens=MAX_NEW_TOKENS)
+
+
+def warm_start(model, tokenizer, train: list[dict], held_out: list[dict], seed: int) -> dict:
+    """Supervised phase: plain cross-entropy on the completion tokens, SFT_STEPS of AdamW with a cosine
+    decay to zero, so the model settles on what it was taught instead of stopping at a noisy snapshot
+    (its greedy accuracy swings by +-0.15 between checkpoints at full learning rate). Returns the
+    held-out evaluation of the result, which the test requires to be in [0.10, 0.50]."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)]
+    known = set(rng.sample(pairs, round(KNOWN_FRACTION * len(pairs))))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / SFT_STEPS)))
+    model.train()
+    for _ in range(SFT_STEPS):
+        batch = rng.sample(train, SFT_BATCH)
+        targets = [sft_target(*operands(ex["question"]), known, rng) for ex in batch]
+        input_ids, attention_mask, labels = sft_batch(batch, tokenizer, targets)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return evaluate(model, tokenizer, held_out)
+
+
+def shuffled_within_groups(reward_funcs: dict, group_size: int, seed: int):
+    """Negative control: the trainer's combined reward, permuted inside each group of completions of one
+    prompt by a seeded RNG. Chosen over negation because it keeps everything but the credit assignment:
+    each group has the same reward values, hence the same advantages and update size, but which
+    completion gets which reward is random (negated rewards would still carry the signal, reversed)."""
+    rng = np.random.default_rng(seed)
+
+    def shuffled_reward(completions: list[str], answers: list[str]) -> list[float]:
+        rewards = np.sum([func(completions, answers) for func in reward_funcs.values()], axis=0).reshape(-1, group_size)
+        return [float(r) for group in rewards for r in rng.permutation(group)]
+
+    return {"shuffled_" + "+".join(reward_funcs): shuffled_reward}
+
+
+def export_warm_start(folder: str, model, tokenizer, train_rows: list[dict], held_out_rows: list[dict]) -> None:
+    """The warm start and the problems as files, so phase 2 can also run as a whole-script run."""
+    folder = Path(folder)
+    model.save_pretrained(folder / "warm_start")
+    tokenizer.save_pretrained(folder / "warm_start")
+    tiny.write_jsonl(folder / "train.jsonl", train_rows)
+    tiny.write_jsonl(folder / "held_out.jsonl", held_out_rows)
+    flags = {**GRPO_CONFIG, "model_name_or_path": folder / "warm_start", "train_file": folder / "train.jsonl",
+             "eval_file": folder / "held_out.jsonl", "eval_max_new_tokens": MAX_NEW_TOKENS, "eval_batch_size": NUM_HELD_OUT,
+             "seed": SEED, "output_dir": folder / "outputs", "run_name": f"learning_seed{SEED}"}
+    (folder / "command.txt").write_text("python grpo_from_scratch.py " + " ".join(f"--{k} {v}" for k, v in flags.items()) + "\n")
+
+
+def run_grpo(model, tokenizer, train: list[dict], held_out: list[dict], cfg: grpo.Config, reward_funcs=None) -> float:
+    grpo.seed_everything(cfg.seed)
+    grpo.train_with_grpo(model, tokenizer, train, cfg, run_dir=None, reward_funcs=reward_funcs)
+    return evaluate(model, tokenizer, held_out)["accuracy"]
+
+
+def quiet_tqdm(*args, **kwargs):
+    """The trainer's progress bars, switched off: the LEARNING line is this test's output."""
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
+@pytest.fixture
+def torch_threads():
+    """A fixed thread count: the same arithmetic, hence the same result, on any machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_grpo_learns_and_shuffled_rewards_do_not(torch_threads, monkeypatch):
+    started = time.perf_counter()
+    monkeypatch.setattr(grpo, "tqdm", quiet_tqdm)
+    grpo.seed_everything(SEED)
+    tokenizer = tiny.build_tokenizer()
+    train_rows, held_out_rows = split_problems(SEED)
+    train, held_out = make_examples(train_rows, tokenizer), make_examples(held_out_rows, tokenizer)
+
+    model = tiny.tiny_model(tokenizer, hidden_size=HIDDEN_SIZE, layers=LAYERS, seed=SEED)
+    warm = warm_start(model, tokenizer, train, held_out, SEED)
+    before = warm["accuracy"]
+    warm_model = copy.deepcopy(model)
+    if os.environ.get("GRPO_LEARNING_EXPORT"):
+        export_warm_start(os.environ["GRPO_LEARNING_EXPORT"], model, tokenizer, train_rows, held_out_rows)
+
+    cfg = grpo.Config(seed=SEED, **GRPO_CONFIG)
+    after = run_grpo(model, tokenizer, train, held_out, cfg)
+    reward_funcs = {name: grpo.REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
+    control_after = run_grpo(warm_model, tokenizer, train, held_out, cfg,
+                             shuffled_within_groups(reward_funcs, cfg.num_generations, SEED))
+
+    seconds = time.perf_counter() - started
+    print(f"LEARNING before={before:.3f} after={after:.3f} control_after={control_after:.3f} "
+          f"steps={cfg.num_steps} seconds={seconds:.0f}")
+    assert 0.10 <= before <= 0.50 and warm["format_rate"] >= MIN_FORMAT_RATE, (
+        f"warm start out of its window: accuracy {before:.3f} (want 0.10-0.50), format {warm['format_rate']:.3f}")
+    assert after - before >= 0.25, f"GRPO raised held-out accuracy only from {before:.3f} to {after:.3f}"
+    assert control_after <= before + 0.05, (f"shuffled rewards raised held-out accuracy from {before:.3f} to "
+                                            f"{control_after:.3f}: the gain does not need the reward signal")
