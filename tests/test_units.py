@@ -143,6 +143,18 @@ def test_stop_token_ids_when_endoftext_is_the_unk_token(tmp_path, tokenizer):
     assert grpo.stop_token_ids(loaded) == grpo.stop_token_ids(tokenizer) == [0, 2]
 
 
+def test_tiny_model_folder_reloads_with_the_same_token_ids(tmp_path, tokenizer):
+    """What the whole-script tests and the learning export rely on: a saved tiny model folder loads back
+    (as Qwen2Tokenizer, picked by the qwen2 model type) and tokenizes prompts and answers identically."""
+    tiny.tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = grpo.load_tokenizer(str(tmp_path))
+    assert type(loaded).__name__ == "Qwen2Tokenizer"
+    for i, row in enumerate(tiny.word_problems(20, seed=3)):
+        text = grpo.build_prompt(row["question"], tokenizer) + tiny.solution_text(i % 10, 3 * i % 10) + row["answer"]
+        assert loaded(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def test_stop_token_ids_skip_tokens_the_vocabulary_lacks():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

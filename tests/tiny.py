@@ -1,8 +1,9 @@
 """Tiny offline stand-ins for Qwen2.5 and GSM8K, built inside the tests (nothing is downloaded).
 
-- `build_tokenizer`: a byte-level BPE trained on a small corpus, with Qwen's special tokens
-  (<|endoftext|> as pad, <|im_start|>, <|im_end|> as eos), the answer tags as single tokens and a
-  Qwen-style chat template. Decoding is exact, so newlines and tags survive round trips.
+- `build_tokenizer`: a byte-level BPE trained on a small corpus with Qwen2's own normalizer and
+  pre-tokenizer, Qwen's special tokens (<|endoftext|> as pad, <|im_start|>, <|im_end|> as eos), the
+  answer tags as single tokens and a Qwen-style chat template. Decoding is exact, so newlines and tags
+  survive round trips, and a saved copy loads back (as Qwen2Tokenizer) with the same ids.
 - `tiny_model`: a randomly initialised Qwen2ForCausalLM sized for a CPU.
 - `word_problems`: GSM8K-format rows ("... #### 7") from a seeded generator.
 - `write_run_inputs`: a model folder plus train/eval jsonl, what `python grpo_from_scratch.py` needs offline.
@@ -12,8 +13,9 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 import grpo_from_scratch as grpo
 
@@ -50,7 +52,12 @@ def build_tokenizer(extra_corpus: list[str] = (), vocab_size: int = 400) -> PreT
     corpus = [grpo.SYSTEM_PROMPT, *extra_corpus, *(r["question"] for r in word_problems(200, seed=0)),
               *(solution_text(a, b) for a in range(10) for b in range(10)), "0 1 2 3 4 5 6 7 8 9 10 , . $ % / -"]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2's normalizer and pre-tokenizer: AutoTokenizer reloads a saved copy as Qwen2Tokenizer (the model
+    # type says qwen2), which applies them whatever tokenizer.json says; trained with others, ids would change.
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
