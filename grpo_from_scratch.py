@@ -1112,7 +1112,7 @@ def plot_curves(run_dir: Path) -> None:
         accuracy_ax.bar([i + offset for i in range(len(labels))], [summary[w][key] for w in labels], width=0.4, label=key)
     accuracy_ax.set_xticks(range(len(labels)), labels)
     accuracy_ax.set_ylim(0, 1)
-    accuracy_ax.set_title("test accuracy (greedy)")
+    accuracy_ax.set_title("eval accuracy (greedy)")
     accuracy_ax.legend(fontsize=8)
     kl_ax.plot(steps, series("kl"))
     kl_ax.set_title("KL to reference")
@@ -1339,13 +1339,13 @@ def run(cfg: Config, argv: list[str]) -> dict:
         tokenizer.save_pretrained(run_dir / "model")
         logger.draw_curves()
         logger.finish()
-        print_final_table(summary, run_dir)
+        print_final_table(summary, run_dir, "GSM8K test" if cfg.eval_file is None else Path(cfg.eval_file).name)
     return summary
 
 
-def print_final_table(summary: dict, run_dir: Path) -> None:
+def print_final_table(summary: dict, run_dir: Path, eval_set: str) -> None:
     print("\n" + "-" * 68)
-    print(f"{'GSM8K test (greedy)':<22}{'accuracy [95% CI]':>24}{'strict [95% CI]':>22}")
+    print(f"{eval_set + ' (greedy)':<22}{'accuracy [95% CI]':>24}{'strict [95% CI]':>22}")
     for when in ("before", "after"):
         result = summary[when]
         cells = []
