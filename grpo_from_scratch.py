@@ -879,6 +879,8 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
     optimizer.zero_grad()
     chunk = cfg.micro_batch_size * gpus_per_process()
     total = loss_denominator(completion_mask, cfg.loss_type)
+    if dist.is_initialized():  # DDP averages ranks' gradients: divide by the mean denominator over ranks
+        total = all_gather_cat(torch.tensor([total], device=input_ids.device)).mean().item()
     loss_sum, metric_sums, entropy_sum, tokens = 0.0, {}, 0.0, 0.0
     starts = range(0, len(input_ids), chunk)
     for start in starts:

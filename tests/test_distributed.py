@@ -128,7 +128,35 @@ GATHER_CHECK = textwrap.dedent("""
         refusal = None
     except grpo.ConfigError as error:
         refusal = str(error)
+    # grpo_update under DDP gives the gradient of the whole two-rank batch at once, for every loss_type,
+    # although rank 1's completions have three times rank 0's tokens (bnpo divides by all tokens).
+    class TokenPolicy(torch.nn.Module):  # the log-prob of each completion token is a learned score
+        def __init__(self):
+            super().__init__()
+            self.scores = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 7))
+
+        def forward(self, input_ids, attention_mask, logits_to_keep, temperature, with_entropy=False):
+            log_probs = torch.log_softmax(self.scores, 0)[input_ids[:, -logits_to_keep:]]
+            return log_probs, torch.zeros_like(log_probs)
+
+    input_ids = torch.arange(24).remainder(7).view(2, 4, 3)  # [rank, sequence, position]
+    masks = torch.tensor([[[1, 0, 0]] * 4, [[1, 1, 1]] * 4])
+    advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5], [2.0, -2.0, 1.0, -1.0]])
+    ddp_matches_one_batch = {{}}
+    for loss_type in grpo.LOSS_TYPES:
+        cfg = grpo.Config(num_generations=2, micro_batch_size=2, beta=0.0, max_grad_norm=1e9, loss_type=loss_type,
+                          max_completion_length=3)
+        policy = TokenPolicy()
+        ddp_policy = torch.nn.parallel.DistributedDataParallel(policy)
+        grpo.grpo_update(ddp_policy, grpo.MasterWeightAdamW(policy.parameters(), lr=0.0), cfg, input_ids[rank],
+                         torch.ones(4, 3), masks[rank], 3, advantages[rank], None, None)
+        reference = TokenPolicy()
+        loss, _ = grpo.grpo_loss(reference(input_ids.view(8, 3), None, 3, 1.0)[0], None, None, advantages.view(8),
+                                 masks.view(8, 3), epsilon=cfg.epsilon, beta=0.0, loss_type=loss_type, max_completion_length=3)
+        loss.backward()
+        ddp_matches_one_batch[loss_type] = torch.allclose(policy.scores.grad, reference.scores.grad, atol=1e-6)
     result = {{"metrics": metrics, "prompts": grpo.prompt_indices(32, 0, 3, 5), "any": grpo.any_rank(rank == 1, device),
+               "ddp_matches_one_batch": ddp_matches_one_batch,
                "gathered": grpo.all_gather_cat(torch.tensor([rank, 10 + rank])).tolist(), "agreed": agreed, "refusal": refusal}}
     with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
         json.dump(result, handle)
@@ -159,6 +187,7 @@ def test_torchrun_gathers_across_ranks(tmp_path):
     assert all(r["gathered"] == [0, 10, 1, 11] for r in ranks)
     assert [r["agreed"] for r in ranks] == ["computed on rank 0"] * 2
     assert [r["refusal"] for r in ranks] == ["refused on rank 0"] * 2
+    assert all(r["ddp_matches_one_batch"] == {"grpo": True, "bnpo": True, "dr_grpo": True} for r in ranks)
 
 
 def test_torchrun_refusal_reaches_every_rank(two_rank_run, inputs):
