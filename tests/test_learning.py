@@ -90,7 +90,7 @@ def sft_target(a: int, b: int, known: set, rng: random.Random) -> str:
     alone; stopped at the jump, where it lands is luck. So the warm start is trained to a stable state
     instead: tags and operands always right; the sum always right for a seeded 30% of the 81 (a, b)
     facts, and for the others wrong (a + b + 10) in 80% of the examples and right in 20%. Greedy
-    decoding then gets most known facts right (held-out accuracy 0.27-0.39 over seeds 0, 1, 3), while
+    decoding then gets most known facts right (held-out accuracy 0.18-0.39 over seeds 0-5), while
     sampling still finds the right sum now and then: right answers in the samples, wrong ones preferred,
     the situation GRPO is for."""
     total = a + b
