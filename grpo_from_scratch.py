@@ -501,11 +501,8 @@ def xml_count_reward(completions: list[str], answers: list[str] | None = None) -
         # Characters after "\n</answer>" and its optional newline. TRL split on "\n</answer>\n", which
         # charged a completion ending right at </answer> (every rollout: the stop token is not text) for its
         # whole length; the penalty is for text after the answer only.
-        tail = text.split("\n</answer>")[-1].removeprefix("\n")
-        if text.count("\n<answer>\n") == 1:
-            score += 0.125 - len(tail) * 0.001
-        if text.count("\n</answer>") == 1:
-            score += 0.125 - len(tail) * 0.001
+        tail_penalty = 0.001 * len(text.split("\n</answer>")[-1].removeprefix("\n"))
+        score += (0.125 - tail_penalty) * ((text.count("\n<answer>\n") == 1) + (text.count("\n</answer>") == 1))
         rewards.append(score)
     return rewards
 

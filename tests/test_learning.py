@@ -59,12 +59,6 @@ GRPO_CONFIG = dict(num_steps=160, batch_size=16, num_generations=8, max_completi
                    gradient_checkpointing=False, reward_funcs="correctness,format", report_to="none")
 
 
-def make_examples(rows: list[dict], tokenizer) -> list[dict]:
-    """What load_gsm8k returns for a local file: question, chat prompt, gold answer after '####'."""
-    return [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
-             "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in rows]
-
-
 def split_problems(seed: int) -> tuple[list[dict], list[dict]]:
     """Distinct GSM8K-format questions, split into train and held-out (no question in both)."""
     rows, seen = [], set()
@@ -155,13 +149,19 @@ def shuffled_within_groups(reward_funcs: dict, group_size: int, seed: int):
     return {"shuffled_" + "+".join(reward_funcs): shuffled_reward}
 
 
-def export_warm_start(folder: str, model, tokenizer, train_rows: list[dict], held_out_rows: list[dict]) -> None:
-    """The warm start and the problems as files, so phase 2 can also run as a whole-script run."""
-    folder = Path(folder)
-    model.save_pretrained(folder / "warm_start")
-    tokenizer.save_pretrained(folder / "warm_start")
+def load_problems(folder: Path, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The problems written as GSM8K jsonl files and read back by the trainer's own load_gsm8k."""
+    train_rows, held_out_rows = split_problems(SEED)
     tiny.write_jsonl(folder / "train.jsonl", train_rows)
     tiny.write_jsonl(folder / "held_out.jsonl", held_out_rows)
+    return (grpo.load_gsm8k("train", tokenizer, local_file=str(folder / "train.jsonl")),
+            grpo.load_gsm8k("test", tokenizer, local_file=str(folder / "held_out.jsonl"), flag="--eval_file"))
+
+
+def export_warm_start(folder: Path, model, tokenizer) -> None:
+    """The warm start beside the problem files, and the command that runs phase 2 as a whole-script run."""
+    model.save_pretrained(folder / "warm_start")
+    tokenizer.save_pretrained(folder / "warm_start")
     flags = {**GRPO_CONFIG, "model_name_or_path": folder / "warm_start", "train_file": folder / "train.jsonl",
              "eval_file": folder / "held_out.jsonl", "eval_max_new_tokens": MAX_NEW_TOKENS, "eval_batch_size": NUM_HELD_OUT,
              "seed": SEED, "output_dir": folder / "outputs", "run_name": f"learning_seed{SEED}"}
@@ -188,20 +188,21 @@ def torch_threads():
     torch.set_num_threads(previous)
 
 
-def test_grpo_learns_and_shuffled_rewards_do_not(torch_threads, monkeypatch):
+def test_grpo_learns_and_shuffled_rewards_do_not(torch_threads, monkeypatch, tmp_path):
     started = time.perf_counter()
     monkeypatch.setattr(grpo, "tqdm", quiet_tqdm)
     grpo.seed_everything(SEED)
     tokenizer = tiny.build_tokenizer()
-    train_rows, held_out_rows = split_problems(SEED)
-    train, held_out = make_examples(train_rows, tokenizer), make_examples(held_out_rows, tokenizer)
+    folder = Path(os.environ.get("GRPO_LEARNING_EXPORT") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    train, held_out = load_problems(folder, tokenizer)
 
     model = tiny.tiny_model(tokenizer, hidden_size=HIDDEN_SIZE, layers=LAYERS, seed=SEED)
     warm = warm_start(model, tokenizer, train, held_out, SEED)
     before = warm["accuracy"]
     warm_model = copy.deepcopy(model)
     if os.environ.get("GRPO_LEARNING_EXPORT"):
-        export_warm_start(os.environ["GRPO_LEARNING_EXPORT"], model, tokenizer, train_rows, held_out_rows)
+        export_warm_start(folder, model, tokenizer)
 
     cfg = grpo.Config(seed=SEED, **GRPO_CONFIG)
     after = run_grpo(model, tokenizer, train, held_out, cfg)
