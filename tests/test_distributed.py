@@ -142,21 +142,20 @@ GATHER_CHECK = textwrap.dedent("""
     input_ids = torch.arange(24).remainder(7).view(2, 4, 3)  # [rank, sequence, position]
     masks = torch.tensor([[[1, 0, 0]] * 4, [[1, 1, 1]] * 4])
     advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5], [2.0, -2.0, 1.0, -1.0]])
-    ddp_matches_one_batch = {{}}
-    for loss_type in grpo.LOSS_TYPES:
+
+    def ddp_matches_one_batch(loss_type):  # a function, so its DDP wrapper is gone before the process group
         cfg = grpo.Config(num_generations=2, micro_batch_size=2, beta=0.0, max_grad_norm=1e9, loss_type=loss_type,
                           max_completion_length=3)
         policy = TokenPolicy()
-        ddp_policy = torch.nn.parallel.DistributedDataParallel(policy)
-        grpo.grpo_update(ddp_policy, grpo.MasterWeightAdamW(policy.parameters(), lr=0.0), cfg, input_ids[rank],
-                         torch.ones(4, 3), masks[rank], 3, advantages[rank], None, None)
+        grpo.grpo_update(torch.nn.parallel.DistributedDataParallel(policy), grpo.MasterWeightAdamW(policy.parameters(), lr=0.0),
+                         cfg, input_ids[rank], torch.ones(4, 3), masks[rank], 3, advantages[rank], None, None)
         reference = TokenPolicy()
         loss, _ = grpo.grpo_loss(reference(input_ids.view(8, 3), None, 3, 1.0)[0], None, None, advantages.view(8),
                                  masks.view(8, 3), epsilon=cfg.epsilon, beta=0.0, loss_type=loss_type, max_completion_length=3)
         loss.backward()
-        ddp_matches_one_batch[loss_type] = torch.allclose(policy.scores.grad, reference.scores.grad, atol=1e-6)
+        return torch.allclose(policy.scores.grad, reference.scores.grad, atol=1e-6)
     result = {{"metrics": metrics, "prompts": grpo.prompt_indices(32, 0, 3, 5), "any": grpo.any_rank(rank == 1, device),
-               "ddp_matches_one_batch": ddp_matches_one_batch,
+               "ddp_matches_one_batch": {{loss_type: ddp_matches_one_batch(loss_type) for loss_type in grpo.LOSS_TYPES}},
                "gathered": grpo.all_gather_cat(torch.tensor([rank, 10 + rank])).tolist(), "agreed": agreed, "refusal": refusal}}
     with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
         json.dump(result, handle)
