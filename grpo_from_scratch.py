@@ -4,8 +4,9 @@
 # One linear file: prompt format, GSM8K, answer extraction, rewards, a hand-written GRPO loss
 # with clipping and a KL penalty, a data-parallel training loop, and greedy evaluation on the
 # GSM8K test split before and after training. Run it with `python grpo_from_scratch.py` (all
-# visible GPUs through nn.DataParallel) or `torchrun --nproc_per_node N grpo_from_scratch.py`
-# (DistributedDataParallel). Every flag is a field of `Config` below; `--help` lists them.
+# visible GPUs in one process: nn.DataParallel for log-probs and the loss, a model copy per GPU for
+# generation) or `torchrun --nproc_per_node N grpo_from_scratch.py` (DistributedDataParallel).
+# Every flag is a field of `Config` below; `--help` lists them.
 
 # %% 1. Setup: imports, config, validation, seeding, device, dtype, attention
 import copy
@@ -128,15 +129,10 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: not a model folder (no config.json) and not a hub id like Qwen/Qwen2.5-1.5B-Instruct")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
-
-
 # Distributed mode comes from the environment, as in nanoGPT: torchrun sets RANK, WORLD_SIZE and
 # LOCAL_RANK. Under torchrun each process drives one device; otherwise one process drives all
-# visible GPUs through nn.DataParallel (on CPU both wrappers are pass-throughs).
+# visible GPUs: nn.DataParallel for log-probs and the loss, a ParallelGenerator for generate()
+# (on a CPU or one GPU there is nothing to wrap).
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Returns (rank, world_size, device) and joins the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -154,6 +150,38 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gpus_per_process() -> int:
+    """GPUs one process drives: every visible GPU under plain `python` (nn.DataParallel), its own
+    GPU under torchrun, 1 on a CPU. Batch sizes given per GPU are multiplied by this."""
+    return 1 if dist.is_initialized() else max(1, torch.cuda.device_count())
+
+
+def process_devices(device: torch.device) -> list[torch.device]:
+    """The devices this process computes on, its main device first (cuda:0 ... cuda:N-1 under
+    nn.DataParallel, where the model lives on cuda:0)."""
+    return [device] if gpus_per_process() == 1 else [torch.device(device.type, i) for i in range(gpus_per_process())]
+
+
+def data_parallel(module: nn.Module) -> nn.Module:
+    """nn.DataParallel over this process's GPUs when it has several, else the module itself. Each
+    call scatters the batch rows over the GPUs, runs a per-call replica on each and gathers the
+    outputs. Call it with positional arguments only: torch scatters keyword arguments to every GPU
+    even when there are fewer rows than GPUs, and the replicas left without rows then fail."""
+    return nn.DataParallel(module) if gpus_per_process() > 1 else module
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch. torch.manual_seed gives every GPU the same seed, so GPUs that
+    sample rows of the same prompt (a group can straddle two GPUs) would draw identical
+    completions: each further GPU of this process gets seed + its index."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    for index in range(1, gpus_per_process()):
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed + index)
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -330,31 +358,47 @@ def decoding_kwargs(tokenizer, max_new_tokens: int, temperature: float | None) -
     return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
 
 
-class BatchGenerator(nn.Module):
-    """Runs generate() on its slice of the prompts and pads the completions to a fixed width, so
-    nn.DataParallel can hand each GPU a slice and gather the pieces."""
+class ParallelGenerator:
+    """generate() on every GPU of this process, each taking a contiguous slice of the prompt rows.
 
-    def __init__(self, model: nn.Module, generate_kwargs: dict):
-        super().__init__()
+    The main GPU runs the model itself; every other GPU keeps a full copy whose weights are copied
+    from the model before each call (one device-to-device copy of the weights per call, the same
+    traffic as nn.DataParallel's per-call replicate). Why not nn.DataParallel here: its replicas
+    hold their weights as plain attributes, not parameters, and transformers' generate() reads the
+    model's device from its parameters. On a CPU, one GPU or under torchrun there are no copies."""
+
+    def __init__(self, model: nn.Module, num_devices: int | None = None):
         self.model = model
-        self.generate_kwargs = generate_kwargs
+        devices = process_devices(next(model.parameters()).device)[:num_devices]
+        self.copies = [copy.deepcopy(model).eval().requires_grad_(False).to(device) for device in devices[1:]]
 
-    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **self.generate_kwargs)
-        completion = output[:, prompt_ids.shape[1]:]
-        width = self.generate_kwargs["max_new_tokens"]
-        return F.pad(completion, (0, width - completion.shape[1]), value=self.generate_kwargs["pad_token_id"])
+    @property
+    def num_devices(self) -> int:
+        return 1 + len(self.copies)
 
-
-def data_parallel(module: nn.Module) -> nn.Module:
-    """nn.DataParallel over every visible GPU (a pass-through on CPU). Under torchrun each process
-    owns one GPU already, so no wrapper."""
-    return module if dist.is_initialized() else nn.DataParallel(module)
-
-
-def gpus_per_process() -> int:
-    """GPUs that share each call through data_parallel(), so batch sizes can be given per GPU."""
-    return torch.cuda.device_count() if torch.cuda.is_available() and not dist.is_initialized() else 1
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generate_kwargs: dict) -> torch.Tensor:
+        """Completion ids [rows, max_new_tokens] on the main device, padded with the pad id."""
+        for replica in self.copies:
+            for target, source in zip(replica.parameters(), self.model.parameters()):
+                target.copy_(source)
+        # One slice of rows per GPU; with fewer rows than GPUs the last GPUs sit this call out.
+        models = [self.model, *self.copies]
+        jobs = [(model, ids, mask) for model, ids, mask in
+                zip(models, prompt_ids.tensor_split(len(models)), prompt_mask.tensor_split(len(models))) if len(ids)]
+        calls, inputs, kwargs = [], [], []
+        for model, ids, mask in jobs:
+            device = next(model.parameters()).device
+            calls.append(model.generate)
+            inputs.append((ids.to(device),))
+            kwargs.append({"attention_mask": mask.to(device), **generate_kwargs})
+        if len(calls) == 1:
+            outputs = [calls[0](*inputs[0], **kwargs[0])]
+        else:  # torch's DataParallel machinery: a thread per GPU, each under its device and stream
+            outputs = nn.parallel.parallel_apply(calls, inputs, kwargs, list(range(len(calls))))
+        prompt_width, width = prompt_ids.shape[1], generate_kwargs["max_new_tokens"]
+        return torch.cat([F.pad(out[:, prompt_width:], (0, width - (out.shape[1] - prompt_width)),
+                                value=generate_kwargs["pad_token_id"]).to(prompt_ids.device) for out in outputs])
 
 
 @contextmanager
@@ -370,15 +414,16 @@ def eval_mode(model: nn.Module):
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], temperature: float | None, max_new_tokens: int) -> dict:
-    """Batched, left-padded generation through DataParallel. Returns prompt_ids/prompt_mask
-    (left-padded), completion_ids/completion_mask (trimmed to the longest completion),
-    completions (decoded text), lengths and truncated (hit the budget without a stop token)."""
-    generator = data_parallel(BatchGenerator(model, decoding_kwargs(tokenizer, max_new_tokens, temperature)))
-    device = next(model.parameters()).device
+    """Batched, left-padded generation. `model` is a causal LM (generates on its own device) or a
+    ParallelGenerator (every GPU of this process). Returns prompt_ids/prompt_mask (left-padded),
+    completion_ids/completion_mask (trimmed to the longest completion), completions (decoded
+    text), lengths and truncated (hit the budget without a stop token)."""
+    generator = model if isinstance(model, ParallelGenerator) else ParallelGenerator(model, num_devices=1)
+    device = next(generator.model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-    with eval_mode(model):
-        completion_ids = generator(prompt_ids, prompt_mask).to(device)
+    with eval_mode(generator.model):
+        completion_ids = generator.generate(prompt_ids, prompt_mask, decoding_kwargs(tokenizer, max_new_tokens, temperature))
     stop_ids = stop_token_ids(tokenizer)
     completion_mask = create_completion_mask(completion_ids, stop_ids)
     lengths = completion_mask.sum(1)
@@ -395,13 +440,14 @@ def generate_completions(model, tokenizer, prompts: list[str], temperature: floa
 # Greedy decoding (do_sample=False, set explicitly) on the held-out test split, batched with left
 # padding and prompts sorted by length so batches carry little padding. "accuracy" is lenient
 # (the <answer> block, else the last number of the completion); "strict_accuracy" counts only an
-# answer inside the tags. Under torchrun each rank evaluates a shard and the records are gathered.
+# answer inside the tags. `model` is a causal LM or a ParallelGenerator (batch_size questions per
+# GPU). Under torchrun each rank evaluates a shard and the records are gathered.
 def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 512,
                    desc: str = "eval") -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = list(range(rank, len(examples), world))
     shard.sort(key=lambda i: -len(examples[i]["prompt"]))
-    records, batch_size = [], batch_size * gpus_per_process()
+    records, batch_size = [], batch_size * (model.num_devices if isinstance(model, ParallelGenerator) else 1)
     for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=not is_main_process(), leave=False):
         batch = [examples[i] for i in shard[start:start + batch_size]]
         out = generate_completions(model, tokenizer, [ex["prompt"] for ex in batch], None, max_new_tokens)
@@ -592,6 +638,11 @@ class PerTokenLogProbs(nn.Module):
         return (log_probs, token_entropy(logits[:, :-1])) if with_entropy else log_probs
 
 
+def rows_per_call(module: nn.Module, micro_batch_size: int) -> int:
+    """Rows per forward through `module`: micro_batch_size per GPU it splits them over."""
+    return micro_batch_size * max(1, len(module.device_ids) if isinstance(module, nn.DataParallel) else 1)
+
+
 def compute_log_probs(model, input_ids, attention_mask, logits_to_keep: int, temperature: float = 1.0,
                       micro_batch_size: int | None = None) -> torch.Tensor:
     """Per-token log-probs [batch, logits_to_keep] of the last logits_to_keep tokens, computed
@@ -599,7 +650,7 @@ def compute_log_probs(model, input_ids, attention_mask, logits_to_keep: int, tem
     PerTokenLogProbs already wrapped in DataParallel/DDP."""
     if isinstance(model, PreTrainedModel):
         model = PerTokenLogProbs(model)
-    chunk = (micro_batch_size or len(input_ids)) * gpus_per_process()
+    chunk = rows_per_call(model, micro_batch_size or len(input_ids))
     return torch.cat([model(input_ids[i:i + chunk], attention_mask[i:i + chunk], logits_to_keep, temperature)
                       for i in range(0, len(input_ids), chunk)])
 
@@ -764,6 +815,28 @@ def make_reference(model: nn.Module) -> nn.Module:
     return reference
 
 
+def parallel_policy(model: nn.Module, device: torch.device) -> nn.Module:
+    """The policy's PerTokenLogProbs, wrapped for data parallelism: DDP under torchrun (each rank
+    its own rows, gradients averaged over ranks), else nn.DataParallel over this process's GPUs
+    (each chunk's rows split over them, gradients summed back into the model on the main GPU)."""
+    policy = PerTokenLogProbs(model)
+    if dist.is_initialized():
+        return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    return data_parallel(policy)
+
+
+def reset_peak_gpu_memory(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_memory_gb(devices: list[torch.device]) -> float:
+    """Peak memory allocated since the last reset, on the fullest of the GPUs (the main one under
+    nn.DataParallel, which also holds the optimizer and the reference model)."""
+    return max(torch.cuda.max_memory_allocated(device) for device in devices if device.type == "cuda") / 1e9
+
+
 class TrainingStopped(Exception):
     """Training ended early (interrupt or repeated non-finite steps); a checkpoint was written."""
 
@@ -777,20 +850,18 @@ STOP_SIGNALS: list[str] = []  # filled by the SIGINT/SIGTERM handler; checked af
 
 def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, run_dir: Path | None = None,
                     reward_funcs: dict | None = None, logger=None, reference_model: nn.Module | None = None,
-                    resume_state: dict | None = None) -> nn.Module:
+                    resume_state: dict | None = None, generator: ParallelGenerator | None = None) -> nn.Module:
     """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
-    from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint."""
+    from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint;
+    generator (a ParallelGenerator of model) defaults to one over every GPU of this process."""
     reward_funcs = reward_funcs or {name: REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
     device = next(model.parameters()).device
+    generator = generator or ParallelGenerator(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.learning_rate)
-    policy = PerTokenLogProbs(model)  # DDP averages gradients over ranks; DataParallel splits each chunk over GPUs
-    if dist.is_initialized():
-        policy = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        policy = data_parallel(policy)
+    policy = parallel_policy(model, device)
     state = {"step": 0, "reference_step": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -805,14 +876,13 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         if cfg.beta > 0 and step > 1 and (step - 1) % cfg.num_steps == 0:  # a new iteration starts
             reference_model, state["reference_step"] = make_reference(model), step - 1
         step_start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_gpu_memory(process_devices(device))
 
         # Rollout: every completion of the step in one batched generate call per GPU.
         batch = [train_examples[i] for i in prompt_indices(len(train_examples), step - 1, cfg.batch_size, cfg.seed)]
         prompts = [ex["prompt"] for ex in batch for _ in range(cfg.num_generations)]
         answers = [ex["answer"] for ex in batch for _ in range(cfg.num_generations)]
-        rollout = generate_completions(model, tokenizer, prompts, cfg.temperature, cfg.max_completion_length)
+        rollout = generate_completions(generator, tokenizer, prompts, cfg.temperature, cfg.max_completion_length)
         rollout_time = time.perf_counter() - step_start
 
         # Rewards and group-relative advantages (each group lives on one rank).
@@ -874,7 +944,7 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
     """One optimizer step on the GRPO loss, accumulated over micro-batches. A non-finite loss or
     gradient norm skips the step (counted and warned about) instead of poisoning the weights."""
     optimizer.zero_grad()
-    chunk = cfg.micro_batch_size * gpus_per_process()
+    chunk = rows_per_call(policy, cfg.micro_batch_size)
     total = loss_denominator(completion_mask, cfg.loss_type)
     if dist.is_initialized():  # DDP averages ranks' gradients: divide by the mean denominator over ranks
         total = all_gather_cat(torch.tensor([total], device=input_ids.device)).mean().item()
@@ -885,7 +955,7 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
         is_last = start == starts[-1]
         sync = policy.no_sync() if isinstance(policy, nn.parallel.DistributedDataParallel) and not is_last else nullcontext()
         with sync:
-            log_probs, entropy = policy(input_ids[part], attention_mask[part], logits_to_keep, cfg.temperature, with_entropy=True)
+            log_probs, entropy = policy(input_ids[part], attention_mask[part], logits_to_keep, cfg.temperature, True)
             loss, metrics = grpo_loss(log_probs, None if old_log_probs is None else old_log_probs[part],
                                       None if ref_log_probs is None else ref_log_probs[part], advantages[part],
                                       completion_mask[part], epsilon=cfg.epsilon, beta=cfg.beta,
@@ -935,7 +1005,7 @@ def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, fun
                "skipped_steps": state["skipped_steps"], **timings,
                "tokens_per_second": lengths.sum().item() / max(timings["rollout_time"], 1e-9)}
     if device.type == "cuda":
-        metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        metrics["gpu_memory_gb"] = peak_gpu_memory_gb(process_devices(device))
     return metrics
 
 
@@ -1278,17 +1348,18 @@ def run(cfg: Config, argv: list[str]) -> dict:
         reference_step = resume_state["trainer_state"]["reference_step"]
         source = str(checkpoint / "reference_model") if reference_step > 0 else cfg.model_name_or_path
         reference_model = make_reference(load_model(source, dtype, attn, device))
-    gpus = torch.cuda.device_count() if device.type == "cuda" and world_size == 1 else int(device.type == "cuda")
+    devices = process_devices(device)
+    generator = ParallelGenerator(model)
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"run folder {run_dir} | device {device.type}, {gpus} GPU(s) per process, world size {world_size} | "
+        print(f"run folder {run_dir} | {len(devices)} {device.type} device(s) per process, world size {world_size} | "
               f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
               f"{len(train_examples)} train / {len(eval_examples)} eval questions"
               + (f" | resuming from {checkpoint or 'step 0 (no checkpoint yet)'}" if cfg.resume else ""))
         if not cfg.resume:
             (run_dir / "config.json").write_text(json.dumps(
-                {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size, "gpus_per_process": gpus,
+                {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size, "devices_per_process": len(devices),
                  "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
                  "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
                 indent=2))
@@ -1299,7 +1370,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     started = time.perf_counter()
 
     def evaluate_and_record(when: str) -> None:
-        result = evaluate_model(model, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}")
+        result = evaluate_model(generator, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}")
         if is_main:
             write_jsonl(run_dir / f"eval_{when}.jsonl", result.pop("records"))
             summary[when] = result
@@ -1315,7 +1386,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     with stop_after_step():
         try:
             train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
-                            resume_state=resume_state)
+                            resume_state=resume_state, generator=generator)
         except TrainingStopped as stopped:
             raise TrainingStopped(f"{stopped}; checkpoint in {run_dir / 'checkpoint'}; resume with:\n  "
                                   f"{resume_command(argv, run_dir)}", stopped.exit_code) from None

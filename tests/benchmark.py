@@ -75,11 +75,11 @@ def bench_rollout(model, tokenizer, prompts, max_new, device, repeats):
         sync(device)
         return (time.perf_counter() - start) / repeats, out
 
-    generator = grpo.data_parallel(grpo.BatchGenerator(model, kwargs))
+    generator = grpo.ParallelGenerator(model)  # every visible GPU, as in training
 
     def ours():
         with torch.no_grad(), grpo.eval_mode(model):
-            return generator(ids, mask)
+            return generator.generate(ids, mask, kwargs)
 
     def tutorial():
         model.train()

@@ -6,7 +6,7 @@
 - The metrics of a step are gathered across ranks before logging (checked under torchrun with rank-specific
   rewards, since the real run's completions are not exposed per rank).
 - A refusal under torchrun reaches every rank (no rank hangs in a collective) and exits 2.
-- The nn.DataParallel path is a pass-through on CPU.
+The nn.DataParallel path (plain `python` on several GPUs) is tested in test_data_parallel.py.
 """
 import json
 import os
@@ -201,38 +201,3 @@ def test_torchrun_refusal_reaches_every_rank(two_rank_run, inputs):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and all("--run_name" in line and "already holds a run" in line for line in errors), result.stderr[-3000:]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
-
-
-# %% nn.DataParallel: a pass-through on CPU
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour of nn.DataParallel")
-def test_data_parallel_is_a_pass_through_on_cpu():
-    tokenizer = tiny.build_tokenizer()
-    model = tiny.tiny_model(tokenizer).eval()
-    assert grpo.gpus_per_process() == 1
-    bare = grpo.PerTokenLogProbs(model)
-    wrapped = grpo.data_parallel(bare)
-    assert isinstance(wrapped, nn.DataParallel) and wrapped.module is bare and wrapped.device_ids == []
-
-    torch.manual_seed(0)
-    input_ids = torch.randint(3, len(tokenizer), (5, 12))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0  # a left-padded row
-    with torch.no_grad():
-        expected = bare(input_ids, attention_mask, 6, 0.7)
-        assert torch.equal(wrapped(input_ids, attention_mask, 6, 0.7), expected)
-        log_probs, entropy = wrapped(input_ids, attention_mask, 6, 0.7, with_entropy=True)
-        assert torch.equal(log_probs, expected) and entropy.shape == (5, 6)
-        # compute_log_probs through the wrapper, in micro-batches of 2: the same numbers, row by row.
-        chunked = grpo.compute_log_probs(wrapped, input_ids, attention_mask, 6, 0.7, micro_batch_size=2)
-        assert torch.allclose(chunked, expected, atol=1e-5)
-
-    # Rollouts: the generator module, wrapped or bare, gives the same greedy completions.
-    kwargs = grpo.decoding_kwargs(tokenizer, 8, None)
-    generator = grpo.BatchGenerator(model, kwargs)
-    prompts = tokenizer([grpo.build_prompt(q["question"], tokenizer) for q in tiny.word_problems(3, seed=4)],
-                        return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    bare_out = generator(prompts["input_ids"], prompts["attention_mask"])
-    wrapped_out = grpo.data_parallel(generator)(prompts["input_ids"], prompts["attention_mask"])
-    assert bare_out.shape == (3, 8) and torch.equal(wrapped_out, bare_out)
-    rollout = grpo.generate_completions(model, tokenizer, [grpo.build_prompt("What is 1 + 1?", tokenizer)], None, 8)
-    assert rollout["completion_ids"].shape[1] <= 8 and len(rollout["completions"]) == 1
