@@ -326,3 +326,17 @@ def test_generation_copies_are_placed_on_each_gpu(model, monkeypatch):
     generator = grpo.ParallelGenerator(copy.deepcopy(model))
     assert placed == [torch.device("cuda", 1), torch.device("cuda", 2)] and generator.num_devices == 3
     assert all(not p.requires_grad for c in generator.copies for p in c.parameters())
+
+
+def test_checkpoint_keeps_every_gpus_random_state(monkeypatch):
+    """A checkpoint saves the generator state of every GPU (each samples its own rows) and a resume
+    restores them all."""
+    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new_states: restored.extend(new_states))
+    saved = grpo.capture_rng_state()
+    states[1].fill_(9)  # the GPU's generator moves on after the save
+    grpo.restore_rng_state(saved)
+    assert [s.tolist() for s in restored] == [[1, 2], [3, 4]]
