@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,6 +67,7 @@ class Config:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the loss pass (never during generation)."})
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 if flash-attn imports on CUDA, else sdpa), flash_attention_2, sdpa or eager."})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPUs that support it, else float32), bfloat16 or float32. float16 is refused: Qwen2.5 overflows in it."})
+    shard_optimizer: bool = field(default=True, metadata={"help": "Under torchrun, each rank keeps the fp32 master weights and AdamW state of 1/N of the parameters (ZeRO-1); no effect without torchrun."})
     # Run bookkeeping.
     seed: int = field(default=42, metadata={"help": "Seed of python, numpy and torch, and of the prompt order."})
     output_dir: str = field(default="outputs", metadata={"help": "Parent folder of run folders."})
@@ -319,10 +320,14 @@ def read_jsonl_rows(path: str, flag: str) -> list[dict]:
     return rows
 
 
+def prompt_lengths(examples: list[dict], tokenizer) -> list[int]:
+    return [len(ids) for ids in tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]]
+
+
 def drop_overlong_prompts(examples: list[dict], tokenizer, max_total_length: int, budget: int, name: str) -> list[dict]:
     """Skip (and count) prompts that leave no room for a `budget`-token answer in the context window."""
     limit = max_total_length - budget
-    kept = [ex for ex in examples if len(tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]) <= limit]
+    kept = [ex for ex, length in zip(examples, prompt_lengths(examples, tokenizer)) if length <= limit]
     if len(kept) < len(examples) and is_main_process():
         print(f"warning: skipped {len(examples) - len(kept)} {name} prompts longer than {limit} tokens "
               f"(context {max_total_length} minus {budget} new tokens)")
@@ -736,12 +741,16 @@ class MasterWeightAdamW:
     """AdamW on fp32 master copies of bf16 weights. Why: at lr 5e-6 most updates are far below
     bf16's resolution (~1e-4 for a weight of 0.03) and would round away. Rollouts and loss run on
     the fast bf16 weights; after each step the master values are copied back. On fp32 models the
-    master copy is the parameter itself and this is plain AdamW."""
+    master copy is the parameter itself and this is plain AdamW. With sharded=True it is one
+    rank's share under ShardedMasterWeightAdamW: the gradient norm is then summed over ranks."""
 
-    def __init__(self, params, lr: float):
-        self.params = [p for p in params if p.requires_grad]
+    def __init__(self, params, lr: float, sharded: bool = False):
+        params = list(params)  # parameters, or (from ZeroRedundancyOptimizer) this rank's param groups
+        self.param_groups = params if params and isinstance(params[0], dict) else [{"params": params, "lr": lr}]
+        self.params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         self.master = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_() for p in self.params]
         self.optimizer = torch.optim.AdamW(self.master, lr=lr)
+        self.sharded = sharded
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Move gradients to the fp32 master copies and clip them there; returns the total norm."""
@@ -749,7 +758,14 @@ class MasterWeightAdamW:
             if master is not param:
                 master.grad = None if param.grad is None else param.grad.float()
                 param.grad = None
-        return torch.nn.utils.clip_grad_norm_(self.master, max_norm)
+        grads = [m.grad for m in self.master if m.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.master[0].device)
+        if self.sharded:  # the norm of the whole model: every rank adds the squares of its share
+            squared = norm.square()
+            dist.all_reduce(squared)
+            norm = squared.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(self.master, max_norm, norm)
+        return norm
 
     def step(self) -> None:
         self.optimizer.step()
@@ -757,6 +773,7 @@ class MasterWeightAdamW:
             for param, master in zip(self.params, self.master):
                 if master is not param:
                     param.copy_(master)
+                    master.grad = None  # the fp32 gradient copy is not needed until the next backward
 
     def zero_grad(self) -> None:
         for tensor in self.params + self.master:
@@ -773,6 +790,43 @@ class MasterWeightAdamW:
                 if saved is not None:
                     master.copy_(saved)
                     param.copy_(saved)
+
+
+class ShardedMasterWeightAdamW:
+    """ZeRO stage 1 under torchrun, with torch's ZeroRedundancyOptimizer: the parameters are split
+    over the ranks (largest first, balanced by size) and each rank keeps fp32 master weights and
+    AdamW moments for its share only, so that state shrinks as 1/N. Every rank still holds all
+    bf16 weights and (for DDP) all gradients; after each step the owner of each parameter
+    broadcasts its new bf16 value to the other ranks. state_dict() is this rank's share: a
+    checkpoint holds one optimizer file per rank and resumes on the same number of ranks."""
+
+    def __init__(self, params, lr: float):
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it compiles TorchScript (~2 s)
+        self.zero = ZeroRedundancyOptimizer(params, optimizer_class=MasterWeightAdamW, lr=lr, sharded=True)
+        self.local = self.zero.optim  # this rank's MasterWeightAdamW
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return self.local.clip_grad_norm(max_norm)
+
+    def step(self) -> None:
+        self.zero.step()  # the local step, then every parameter broadcast from its owner
+
+    def zero_grad(self) -> None:
+        self.zero.zero_grad()
+        self.local.zero_grad()
+
+    def state_dict(self) -> dict:
+        return self.local.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local.load_state_dict(state)
+
+
+def make_optimizer(model: nn.Module, cfg: Config):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.shard_optimizer and dist.is_initialized():
+        return ShardedMasterWeightAdamW(params, lr=cfg.learning_rate)
+    return MasterWeightAdamW(params, lr=cfg.learning_rate)
 
 
 def prompt_indices(num_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -821,7 +875,9 @@ def parallel_policy(model: nn.Module, device: torch.device) -> nn.Module:
     (each chunk's rows split over them, gradients summed back into the model on the main GPU)."""
     policy = PerTokenLogProbs(model)
     if dist.is_initialized():
-        return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy
+        return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   gradient_as_bucket_view=True)
     return data_parallel(policy)
 
 
@@ -860,7 +916,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = MasterWeightAdamW(model.parameters(), lr=cfg.learning_rate)
+    optimizer = make_optimizer(model, cfg)
     policy = parallel_policy(model, device)
     state = {"step": 0, "reference_step": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
     if resume_state is not None:
@@ -1022,9 +1078,13 @@ def save_checkpoint(run_dir: Path, model, optimizer: MasterWeightAdamW, state: d
         temporary.mkdir(parents=True)
     barrier()
     torch.save(capture_rng_state(), temporary / f"rng_rank{rank}.pt")
+    sharded = isinstance(optimizer, ShardedMasterWeightAdamW)
+    if sharded:  # each rank holds the optimizer state of its own share of the parameters
+        torch.save(optimizer.state_dict(), temporary / optimizer_file(rank, sharded))
     if rank == 0:
         model.save_pretrained(temporary / "model")
-        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        if not sharded:
+            torch.save(optimizer.state_dict(), temporary / optimizer_file(rank, sharded))
         if cfg.beta > 0 and state["reference_step"] > 0:
             reference_model.save_pretrained(temporary / "reference_model")
     barrier()
@@ -1046,10 +1106,15 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def optimizer_file(rank: int, sharded: bool) -> str:
+    return f"optimizer_rank{rank}.pt" if sharded else "optimizer.pt"
+
+
 def load_checkpoint(checkpoint: Path) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
+    sharded = not (checkpoint / optimizer_file(0, sharded=False)).exists()
     return {"trainer_state": json.loads((checkpoint / "trainer_state.json").read_text()),
-            "optimizer": torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False),
+            "optimizer": torch.load(checkpoint / optimizer_file(rank, sharded), map_location="cpu", weights_only=False),
             "rng": torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)}
 
 
@@ -1091,8 +1156,9 @@ class RunLogger:
     (samples with their rewards), wandb (offline when no login is found; it never prompts), and
     curves.png. Only the main process has one."""
 
-    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None):
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None, memory_budget_gb: float | None = None):
         self.run_dir, self.cfg = run_dir, cfg
+        self.memory_budget_gb, self.steps_logged = memory_budget_gb, 0
         if resume_step is not None:  # drop lines of steps after the checkpoint: they will be redone
             for name in ("metrics.jsonl", "completions.jsonl"):
                 write_jsonl(run_dir / name, [r for r in read_jsonl(run_dir / name) if r["step"] <= resume_step])
@@ -1113,6 +1179,10 @@ class RunLogger:
                           resume="allow", dir=str(self.run_dir), config=asdict(self.cfg), mode=mode)
 
     def log_step(self, metrics: dict) -> None:
+        self.steps_logged += 1
+        if "gpu_memory_gb" in metrics and self.steps_logged <= 3:  # measured next to the start-up estimate
+            tqdm.write(f"step {metrics['step']}: peak GPU memory {metrics['gpu_memory_gb']:.1f} GB measured, "
+                       f"{self.memory_budget_gb:.1f} GB estimated")
         finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
         with open(self.run_dir / "metrics.jsonl", "a") as handle:  # NaN is not JSON: a skipped step logs null
             handle.write(json.dumps(finite) + "\n")
@@ -1205,6 +1275,80 @@ def plot_curves(run_dir: Path) -> None:
     plt.close(figure)
 
 
+# %% Memory budget
+# What the fullest GPU must hold, estimated before anything runs (from the loaded model, the launch
+# and the flags) so a run says up front whether it fits. Always resident: the weights, fp32 master
+# weights and AdamW's two fp32 moments (only this rank's 1/N of them with --shard_optimizer under
+# torchrun), the reference model. On top, the larger of two peaks: generation (the KV cache of this
+# GPU's rollout or evaluation rows) and the loss pass (the gradients plus one micro-batch's
+# activations: the kept logits and their gradient, the checkpointed layer inputs, one layer being
+# recomputed). The activation and cache figures are estimates, not measurements.
+def memory_budget(model: nn.Module, cfg: Config, world_size: int, devices_per_process: int, prompt_tokens: int) -> dict:
+    """Estimated bytes per GPU; `peak` is for the fullest one (cuda:0 under nn.DataParallel, each rank
+    under torchrun), `other_gpus_peak` for cuda:1.. under nn.DataParallel (their model copy, a
+    per-call replica and its gradients, activations). `model` may live on the meta device."""
+    model_config, dtype = model.config, next(model.parameters()).dtype
+    weight_bytes = torch.finfo(dtype).bits // 8
+    params, shards = sum(p.numel() for p in model.parameters()), world_size if cfg.shard_optimizer and world_size > 1 else 1
+    hidden, layers, vocab = model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size
+    head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
+    kv_bytes_per_token = 2 * layers * model_config.num_key_value_heads * head_dim * weight_bytes
+    rollout_rows = math.ceil(cfg.batch_size * cfg.num_generations / devices_per_process)
+    kv_cache = kv_bytes_per_token * max(rollout_rows * (prompt_tokens + cfg.max_completion_length),
+                                        cfg.eval_batch_size * (prompt_tokens + cfg.eval_max_new_tokens))
+    tokens = cfg.micro_batch_size * (prompt_tokens + cfg.max_completion_length)
+    layer_activations = tokens * (6 * hidden + 4 * model_config.intermediate_size) * weight_bytes
+    activations = (2 * cfg.micro_batch_size * (cfg.max_completion_length + 1) * vocab * weight_bytes
+                   + (layers * tokens * hidden * weight_bytes + layer_activations if cfg.gradient_checkpointing
+                      else layers * layer_activations))
+    fp32_copies = 0 if dtype == torch.float32 else 4 * params / shards  # master weights, and their gradients
+    budget = {"weights": params * weight_bytes, "master_weights": fp32_copies, "optimizer_state": 8 * params / shards,
+              "reference_model": params * weight_bytes if cfg.beta > 0 else 0,
+              "gradients": params * weight_bytes + fp32_copies, "activations": activations, "kv_cache": kv_cache}
+    resident = sum(budget[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
+    budget["peak"] = resident + max(kv_cache, budget["gradients"] + activations)
+    if devices_per_process > 1:
+        budget["other_gpus_peak"] = params * weight_bytes + max(kv_cache, 2 * params * weight_bytes + activations)
+    return {key: int(value) for key, value in budget.items()}
+
+
+def memory_advice(model: nn.Module, cfg: Config, world_size: int, devices_per_process: int, prompt_tokens: int) -> str:
+    """What to change when the budget does not fit, with the alternative launch's estimated peak."""
+    options = []
+    if world_size == 1 and devices_per_process > 1:  # the same global batch, one process per GPU, optimizer sharded
+        per_rank = replace(cfg, batch_size=math.ceil(cfg.batch_size / devices_per_process), shard_optimizer=True)
+        peak = memory_budget(model, per_rank, devices_per_process, 1, prompt_tokens)["peak"] / 1e9
+        options.append(f"launch with `torchrun --standalone --nproc_per_node {devices_per_process} grpo_from_scratch.py "
+                       f"--batch_size {per_rank.batch_size}` (peak ~{peak:.1f} GB per GPU)")
+    elif world_size > 1 and not cfg.shard_optimizer:
+        peak = memory_budget(model, replace(cfg, shard_optimizer=True), world_size, 1, prompt_tokens)["peak"] / 1e9
+        options.append(f"--shard_optimizer True (peak ~{peak:.1f} GB per GPU)")
+    options.append(f"lower --micro_batch_size (now {cfg.micro_batch_size}: activations), --eval_batch_size "
+                   f"({cfg.eval_batch_size}) or --num_generations ({cfg.num_generations}: KV cache)")
+    return "to fit: " + "; or ".join(options)
+
+
+def memory_report(budget: dict, gpu_memory_gb: float | None) -> str:
+    """The budget in one line, and whether it fits a GPU of gpu_memory_gb (expected_to_fit keeps 10%
+    free for the CUDA context and allocator fragmentation)."""
+    gb = {key: value / 1e9 for key, value in budget.items()}
+    parts = " + ".join(f"{key.replace('_', ' ')} {gb[key]:.2f}" for key in
+                       ("weights", "master_weights", "optimizer_state", "reference_model"))
+    line = (f"memory budget per GPU (GB, estimated): {parts} resident; then the larger of generation (KV cache "
+            f"{gb['kv_cache']:.2f}) and the loss pass (gradients {gb['gradients']:.2f} + activations "
+            f"{gb['activations']:.2f}): peak {gb['peak']:.2f}")
+    if "other_gpus_peak" in budget:
+        line += f" on cuda:0, {gb['other_gpus_peak']:.2f} on each other GPU"
+    if gpu_memory_gb is not None:
+        line += f" | {gpu_memory_gb:.0f} GB GPUs: " + ("expected to fit" if expected_to_fit(budget, gpu_memory_gb)
+                                                      else "expected NOT to fit")
+    return line
+
+
+def expected_to_fit(budget: dict, gpu_memory_gb: float) -> bool:
+    return budget["peak"] / 1e9 <= 0.9 * gpu_memory_gb
+
+
 # %% 8. Main: evaluate before, train, evaluate after, save, write the run record
 def parse_config(argv: list[str] | None) -> Config:
     parser = HfArgumentParser(Config, description="GRPO from scratch: Qwen2.5-1.5B-Instruct on GSM8K.")
@@ -1238,12 +1382,17 @@ def resolve_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+def check_resume_compatible(cfg: Config, run_dir: Path, world_size: int) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
     changed = [f"--{f.name}" for f in fields(Config)
                if f.name not in RESUME_MAY_CHANGE and saved.get(f.name) != getattr(cfg, f.name)]
     if changed:
         raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {run_dir}; resume with the original values")
+    # Each rank's prompts, RNG state and (sharded) optimizer state belong to its rank number.
+    if saved["world_size"] != world_size:
+        launch = f"torchrun --nproc_per_node {saved['world_size']}" if saved["world_size"] > 1 else "python (no torchrun)"
+        raise ConfigError(f"--resume: the run in {run_dir} was trained by {saved['world_size']} process(es) and this "
+                          f"launch has {world_size}; resume it with {launch}")
 
 
 def agree_on_rank0(compute):
@@ -1330,7 +1479,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     run_dir = Path(agree_on_rank0(lambda: str(resolve_run_dir(cfg))))
     checkpoint = find_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume:
-        check_resume_compatible(cfg, run_dir)
+        check_resume_compatible(cfg, run_dir, world_size)
     resume_state = load_checkpoint(checkpoint) if checkpoint else None
 
     # Data first (cheap, and bad files are refused before the model loads), then the model.
@@ -1349,7 +1498,9 @@ def run(cfg: Config, argv: list[str]) -> dict:
         source = str(checkpoint / "reference_model") if reference_step > 0 else cfg.model_name_or_path
         reference_model = make_reference(load_model(source, dtype, attn, device))
     devices = process_devices(device)
-    generator = ParallelGenerator(model)
+    prompt_tokens = max(prompt_lengths(train_examples, tokenizer))
+    budget = memory_budget(model, cfg, world_size, len(devices), prompt_tokens)
+    gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1357,16 +1508,21 @@ def run(cfg: Config, argv: list[str]) -> dict:
               f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
               f"{len(train_examples)} train / {len(eval_examples)} eval questions"
               + (f" | resuming from {checkpoint or 'step 0 (no checkpoint yet)'}" if cfg.resume else ""))
+        print(memory_report(budget, gpu_memory_gb))
+        if gpu_memory_gb is not None and not expected_to_fit(budget, gpu_memory_gb):
+            print(memory_advice(model, cfg, world_size, len(devices), prompt_tokens))
         if not cfg.resume:
             (run_dir / "config.json").write_text(json.dumps(
                 {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size, "devices_per_process": len(devices),
+                 "memory_budget_bytes": budget, "gpu_memory_gb": gpu_memory_gb, "longest_train_prompt_tokens": prompt_tokens,
                  "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
                  "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
                 indent=2))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.exists() else {}
     resume_step = resume_state["trainer_state"]["step"] if checkpoint else 0
-    logger = RunLogger(run_dir, cfg, resume_step if cfg.resume else None) if is_main else None
+    logger = RunLogger(run_dir, cfg, resume_step if cfg.resume else None, budget["peak"] / 1e9) if is_main else None
+    generator = ParallelGenerator(model)
     started = time.perf_counter()
 
     def evaluate_and_record(when: str) -> None:
