@@ -218,9 +218,10 @@ def extract_answer_from_model_output(text: str) -> str | None:
     return text[start + len("<answer>"):end].strip()
 
 
-# A number is an optional minus sign (not glued to a word), digits with optional thousands
-# commas, an optional decimal part, and an optional "/denominator".
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+)?")
+# A number is an optional minus sign (not glued to a word; it may stand on either side of a
+# currency sign: "-$20", "$-20"), digits with optional thousands commas, an optional decimal part,
+# and an optional "/denominator". A sign must touch the number: "$5 - $20" is a range ending at 20.
+_NUMBER = re.compile(r"(?<![\w.])(?:-[$€£]?|[$€£]-)?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _LATEX_FRACTION = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
 
@@ -229,14 +230,14 @@ def parse_number(text: str | None) -> float | None:
     """The number an answer string denotes (the last one when several appear), or None."""
     if text is None:
         return None
-    text = _LATEX_FRACTION.sub(r"\1/\2", text)
+    text = _LATEX_FRACTION.sub(r"\1/\2", text).replace("\u2212", "-")  # U+2212 is the typeset minus sign
     boxed = _BOXED.findall(text)
     if boxed:
         text = boxed[-1]
     candidates = [m for m in _NUMBER.findall(text) if any(ch.isdigit() for ch in m)]
     if not candidates:
         return None
-    number = candidates[-1].replace(",", "").replace(" ", "")
+    number = re.sub(r"[,\s$€£]", "", candidates[-1])
     numerator, _, denominator = number.partition("/")
     try:
         value = float(numerator)

@@ -92,6 +92,21 @@ def test_extract_answer_from_model_output(text, expected):
     (".5", 0.5),
     ("3/4", 0.75),
     ("-3/4", -0.75),
+    ("-$20", -20.0),  # a sign before a currency sign
+    ("$-20", -20.0),  # or after it
+    ("He lost -$1,234.50.", -1234.5),
+    ("\u221220", -20.0),  # U+2212, the typeset minus sign
+    ("\u2212$20", -20.0),
+    ("$\u221220", -20.0),
+    ("\u22123/4", -0.75),
+    ("-\u20ac5", -5.0),
+    ("\\boxed{-$20}", -20.0),
+    ("- $20", 20.0),  # a sign must touch the number, as in "- 20"
+    ("$5 - $20", 20.0),  # a range, not -20
+    ("x-5", 5.0),  # a minus glued to a word is a hyphen, not a sign
+    ("x-$5", 5.0),
+    ("x\u22125", 5.0),
+    ("-$", None),
     ("60 km/h", 60.0),
     ("3 pens, then 12 more, 15 in all", 15.0),  # the last number
     ("2,3,4", 4.0),  # a list, not the number 234
@@ -253,6 +268,13 @@ def test_correctness_reward():
                    "<answer>1351</answer>", "1350", "<answer></answer>", GOOD.replace("\n7\n", "\n1350\n")]
     assert grpo.correctness_reward(completions, ["1350"] * len(completions)) == [2.0, 1.5, 1.5, 0.0, 0.0, 0.0, 2.0]
     assert grpo.correctness_reward(["<answer>1,350</answer>", "<answer>1350</answer>"], ["1,350", "1,350"]) == [2.0, 1.5]
+
+
+def test_correctness_reward_negative_amounts():
+    """A negative amount written with a currency sign or the Unicode minus is the same number as its gold."""
+    completions = [GOOD.replace("\n7\n", f"\n{answer}\n") for answer in ("-$20", "$-20", "\u221220", "-20", "$20", "- $20")]
+    assert grpo.correctness_reward(completions, ["-20"] * len(completions)) == [1.5, 1.5, 1.5, 2.0, 0.0, 0.0]
+    assert grpo.correctness_reward(["<reasoning>\n..\n</reasoning>\n<answer>\n-$20\n</answer>"], ["-20"]) == [1.5]
 
 
 def test_format_reward():
