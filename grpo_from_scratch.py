@@ -255,7 +255,8 @@ def numbers_equal(a: float | None, b: float | None) -> bool:
 # %% 3. GSM8K loading
 # The train split (7,473 questions) feeds RL; the test split (1,319) is only ever evaluated.
 # Hub loading is the default; --train_file/--eval_file read local jsonl for offline runs, and
-# every row is checked for a question and a '####' answer, reporting the file and line number.
+# every row is checked for a question and a '####' answer whose gold parses as a number (a row
+# whose gold is not a number could never earn a correctness reward), reporting the file and line.
 def load_gsm8k(split: str, tokenizer, dataset_name: str = "openai/gsm8k", dataset_config: str = "main",
                local_file: str | None = None, flag: str = "--train_file") -> list[dict]:
     """List of {"question", "prompt", "answer"}; answer is the gold string after '####'."""
@@ -274,7 +275,7 @@ def load_gsm8k(split: str, tokenizer, dataset_name: str = "openai/gsm8k", datase
 
 def read_jsonl_rows(path: str, flag: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -286,6 +287,9 @@ def read_jsonl_rows(path: str, flag: str) -> list[dict]:
                 raise ConfigError(f"{flag} {path}: line {line_number} has no 'question' string")
             if not isinstance(row.get("answer"), str) or "####" not in row["answer"]:
                 raise ConfigError(f"{flag} {path}: line {line_number} has no 'answer' ending in '#### <number>'")
+            gold = extract_answer_from_dataset(row["answer"])
+            if parse_number(gold) is None:
+                raise ConfigError(f"{flag} {path}: line {line_number} has no number after the last '####' (found {gold!r})")
             rows.append(row)
     if not rows:
         raise ConfigError(f"{flag} {path}: no rows")

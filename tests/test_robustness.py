@@ -183,8 +183,11 @@ GOOD_ROW = json.dumps(tiny.word_problems(1, seed=3)[0])
     ("eval_file", [GOOD_ROW, "", GOOD_ROW, json.dumps({"question": "What is 1 + 1?", "answer": "it is 2"})], ["line 4", "####"]),
     ("train_file", [GOOD_ROW, json.dumps({"question": "What is 1 + 1?"})], ["line 2", "####"]),
     ("train_file", [json.dumps(["a", "list"])], ["line 1", "'question'"]),
+    ("train_file", [GOOD_ROW, json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### "})], ["line 2", "no number after the last '####'", "''"]),
+    ("eval_file", [GOOD_ROW, GOOD_ROW, json.dumps({"question": "What is 3 + 3?", "answer": "3 + 3 = 6\n#### six"})], ["line 3", "no number after the last '####'", "'six'"]),
     ("train_file", ["", "  "], ["no rows"]),
-], ids=["bad-json-train", "bad-json-eval", "no-question", "blank-question", "no-####", "no-answer", "not-an-object", "empty"])
+], ids=["bad-json-train", "bad-json-eval", "no-question", "blank-question", "no-####", "no-answer", "not-an-object",
+        "empty-gold", "gold-not-a-number", "empty"])
 def test_bad_data_file_refused(flag, lines, expected, inputs, tmp_path, capsys, no_model_load):
     path = write_lines(tmp_path / f"bad-{flag}.jsonl", lines)
     line = refusal(tiny.run_args(inputs, tmp_path / "out", **{flag: path}), capsys)

@@ -210,9 +210,39 @@ def test_load_gsm8k_refuses_bad_rows(tmp_path, tokenizer):
         grpo.load_gsm8k("train", tokenizer, local_file=str(bad))
 
 
+@pytest.mark.parametrize("answer, accepted", [
+    ("1 + 1 = 2\n#### 2", True),
+    ("#### -$20", True),
+    ("#### 1,350", True),
+    ("#### 12 apples", True),
+    ("#### ", False),  # nothing after the marker
+    ("one plus one\n####", False),
+    ("#### six", False),  # no number after the marker
+    ("#### 7 #### seven", False),  # the gold is the text after the last marker
+    ("#### 1/0", False),
+])
+def test_load_gsm8k_gold_must_be_a_number(tmp_path, tokenizer, answer, accepted):
+    path = tiny.write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": answer}])
+    if accepted:
+        assert grpo.parse_number(grpo.load_gsm8k("train", tokenizer, local_file=str(path))[0]["answer"]) is not None
+    else:
+        with pytest.raises(grpo.ConfigError, match="line 1 has no number after the last '####'"):
+            grpo.load_gsm8k("train", tokenizer, local_file=str(path))
+
+
+def test_load_gsm8k_reads_a_file_with_a_byte_order_mark(tmp_path, tokenizer):
+    """Windows editors start UTF-8 files with a byte-order mark; it is not part of the first row."""
+    rows = tiny.word_problems(3, seed=4)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
+    examples = grpo.load_gsm8k("train", tokenizer, local_file=str(path))
+    assert [ex["question"] for ex in examples] == [row["question"] for row in rows]
+
+
 @needs_gsm8k
 @pytest.mark.parametrize("split, expected_rows, expected_commas", [("train", 7473, 79), ("test", 1319, 14)])
 def test_real_gsm8k_golds_all_parse_to_integers(tokenizer, split, expected_rows, expected_commas):
+    # Every row loads through the same checks as --train_file/--eval_file (each gold must parse).
     examples = grpo.load_gsm8k(split, tokenizer, local_file=str(GSM8K / f"{split}.jsonl"))
     assert len(examples) == expected_rows
     commas = 0
