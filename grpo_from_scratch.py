@@ -275,8 +275,12 @@ def load_gsm8k(split: str, tokenizer, dataset_name: str = "openai/gsm8k", datase
 
 def read_jsonl_rows(path: str, flag: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Windows editors) is not JSON
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes, so a line that is not UTF-8 can be named
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not JSON
+            except UnicodeDecodeError:
+                raise ConfigError(f"{flag} {path}: line {line_number} is not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

@@ -197,6 +197,14 @@ def test_bad_data_file_refused(flag, lines, expected, inputs, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+def test_data_file_not_utf8_refused(inputs, tmp_path, capsys, no_model_load):
+    path = tmp_path / "latin-1.jsonl"
+    path.write_bytes((GOOD_ROW + "\n" + json.dumps({"question": "Caf\u00e9 sells 3 pies", "answer": "#### 3"},
+                                                     ensure_ascii=False) + "\n").encode("latin-1"))
+    line = refusal(tiny.run_args(inputs, tmp_path / "out", train_file=path), capsys)
+    assert line == f"error: --train_file {path}: line 2 is not UTF-8 text"
+
+
 def run_script(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
                           capture_output=True, text=True, timeout=timeout)
