@@ -368,7 +368,9 @@ def gpus_per_process() -> int:
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """Generation runs in eval mode: gradient checkpointing is inactive there, so the KV cache works."""
+    """Generation runs in eval mode: gradient checkpointing is inactive there, so the KV cache works.
+    (In train mode with checkpointing, transformers 5 drops the cache yet still feeds generate one
+    token per step, so every token would be predicted without its context.)"""
     was_training = model.training
     model.eval()
     try:
