@@ -247,9 +247,10 @@ def extract_answer_from_model_output(text: str) -> str | None:
     return text[start + len("<answer>"):end].strip()
 
 
-# A number is an optional minus sign (not glued to a word), digits with optional thousands
-# commas, an optional decimal part, and an optional "/denominator".
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+)?")
+# A number is an optional minus sign (not glued to a word; it may stand on either side of a
+# currency sign: "-$20", "$-20"), digits with optional thousands commas, an optional decimal part,
+# and an optional "/denominator". A sign must touch the number: "$5 - $20" is a range ending at 20.
+_NUMBER = re.compile(r"(?<![\w.])(?:-[$€£]?|[$€£]-)?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _LATEX_FRACTION = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
 
@@ -258,14 +259,14 @@ def parse_number(text: str | None) -> float | None:
     """The number an answer string denotes (the last one when several appear), or None."""
     if text is None:
         return None
-    text = _LATEX_FRACTION.sub(r"\1/\2", text)
+    text = _LATEX_FRACTION.sub(r"\1/\2", text).replace("\u2212", "-")  # U+2212 is the typeset minus sign
     boxed = _BOXED.findall(text)
     if boxed:
         text = boxed[-1]
     candidates = [m for m in _NUMBER.findall(text) if any(ch.isdigit() for ch in m)]
     if not candidates:
         return None
-    number = candidates[-1].replace(",", "").replace(" ", "")
+    number = re.sub(r"[,\s$€£]", "", candidates[-1])
     numerator, _, denominator = number.partition("/")
     try:
         value = float(numerator)
@@ -283,7 +284,8 @@ def numbers_equal(a: float | None, b: float | None) -> bool:
 # %% 3. GSM8K loading
 # The train split (7,473 questions) feeds RL; the test split (1,319) is only ever evaluated.
 # Hub loading is the default; --train_file/--eval_file read local jsonl for offline runs, and
-# every row is checked for a question and a '####' answer, reporting the file and line number.
+# every row is checked for a question and a '####' answer whose gold parses as a number (a row
+# whose gold is not a number could never earn a correctness reward), reporting the file and line.
 def load_gsm8k(split: str, tokenizer, dataset_name: str = "openai/gsm8k", dataset_config: str = "main",
                local_file: str | None = None, flag: str = "--train_file") -> list[dict]:
     """List of {"question", "prompt", "answer"}; answer is the gold string after '####'."""
@@ -302,8 +304,12 @@ def load_gsm8k(split: str, tokenizer, dataset_name: str = "openai/gsm8k", datase
 
 def read_jsonl_rows(path: str, flag: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes, so a line that is not UTF-8 can be named
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not JSON
+            except UnicodeDecodeError:
+                raise ConfigError(f"{flag} {path}: line {line_number} is not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -314,6 +320,9 @@ def read_jsonl_rows(path: str, flag: str) -> list[dict]:
                 raise ConfigError(f"{flag} {path}: line {line_number} has no 'question' string")
             if not isinstance(row.get("answer"), str) or "####" not in row["answer"]:
                 raise ConfigError(f"{flag} {path}: line {line_number} has no 'answer' ending in '#### <number>'")
+            gold = extract_answer_from_dataset(row["answer"])
+            if parse_number(gold) is None:
+                raise ConfigError(f"{flag} {path}: line {line_number} has no number after the last '####' (found {gold!r})")
             rows.append(row)
     if not rows:
         raise ConfigError(f"{flag} {path}: no rows")
@@ -408,7 +417,9 @@ class ParallelGenerator:
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """Generation runs in eval mode: gradient checkpointing is inactive there, so the KV cache works."""
+    """Generation runs in eval mode: gradient checkpointing is inactive there, so the KV cache works.
+    (In train mode with checkpointing, transformers 5 drops the cache yet still feeds generate one
+    token per step, so every token would be predicted without its context.)"""
     was_training = model.training
     model.eval()
     try:

@@ -121,6 +121,28 @@ def test_rollouts_run_in_eval_mode_with_the_kv_cache(tokenizer):
     assert len(seen) == out["completion_ids"].shape[1]
 
 
+def test_rollout_tokens_do_not_depend_on_the_training_mode(tokenizer):
+    """Greedy rollouts of a model in train mode with gradient checkpointing (as it sits during training)
+    equal those of an untouched eval-mode copy, because generate_completions generates in eval mode.
+    Control: on transformers 5, generate() itself in train mode with checkpointing drops the KV cache yet
+    still feeds one token per step, so each token is predicted without its context and the tokens differ
+    (on transformers 4.49, which the tutorial pinned, the cache was kept and they were equal)."""
+    prompts = prompts_of_varied_length(tokenizer)
+    plain = tiny.tiny_model(tokenizer).eval()
+    model = tiny.tiny_model(tokenizer)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    expected = grpo.generate_completions(plain, tokenizer, prompts, temperature=None, max_new_tokens=8)
+    got = grpo.generate_completions(model, tokenizer, prompts, temperature=None, max_new_tokens=8)
+    assert got["completion_ids"].tolist() == expected["completion_ids"].tolist()
+
+    def raw_generate(module):
+        with torch.no_grad():
+            return module.generate(input_ids=got["prompt_ids"], attention_mask=got["prompt_mask"],
+                                   **grpo.decoding_kwargs(tokenizer, 8, temperature=None)).tolist()
+    assert model.training and raw_generate(model) != raw_generate(plain)
+
+
 def test_sampling_ignores_the_models_generation_config(tokenizer):
     model = tiny.tiny_model(tokenizer).eval()
     model.generation_config.do_sample = True

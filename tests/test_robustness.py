@@ -183,8 +183,11 @@ GOOD_ROW = json.dumps(tiny.word_problems(1, seed=3)[0])
     ("eval_file", [GOOD_ROW, "", GOOD_ROW, json.dumps({"question": "What is 1 + 1?", "answer": "it is 2"})], ["line 4", "####"]),
     ("train_file", [GOOD_ROW, json.dumps({"question": "What is 1 + 1?"})], ["line 2", "####"]),
     ("train_file", [json.dumps(["a", "list"])], ["line 1", "'question'"]),
+    ("train_file", [GOOD_ROW, json.dumps({"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### "})], ["line 2", "no number after the last '####'", "''"]),
+    ("eval_file", [GOOD_ROW, GOOD_ROW, json.dumps({"question": "What is 3 + 3?", "answer": "3 + 3 = 6\n#### six"})], ["line 3", "no number after the last '####'", "'six'"]),
     ("train_file", ["", "  "], ["no rows"]),
-], ids=["bad-json-train", "bad-json-eval", "no-question", "blank-question", "no-####", "no-answer", "not-an-object", "empty"])
+], ids=["bad-json-train", "bad-json-eval", "no-question", "blank-question", "no-####", "no-answer", "not-an-object",
+        "empty-gold", "gold-not-a-number", "empty"])
 def test_bad_data_file_refused(flag, lines, expected, inputs, tmp_path, capsys, no_model_load):
     path = write_lines(tmp_path / f"bad-{flag}.jsonl", lines)
     line = refusal(tiny.run_args(inputs, tmp_path / "out", **{flag: path}), capsys)
@@ -192,6 +195,14 @@ def test_bad_data_file_refused(flag, lines, expected, inputs, tmp_path, capsys, 
     for text in expected:
         assert text in line
     assert not (tmp_path / "out").exists()
+
+
+def test_data_file_not_utf8_refused(inputs, tmp_path, capsys, no_model_load):
+    path = tmp_path / "latin-1.jsonl"
+    path.write_bytes((GOOD_ROW + "\n" + json.dumps({"question": "Caf\u00e9 sells 3 pies", "answer": "#### 3"},
+                                                     ensure_ascii=False) + "\n").encode("latin-1"))
+    line = refusal(tiny.run_args(inputs, tmp_path / "out", train_file=path), capsys)
+    assert line == f"error: --train_file {path}: line 2 is not UTF-8 text"
 
 
 def run_script(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:

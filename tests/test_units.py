@@ -92,6 +92,21 @@ def test_extract_answer_from_model_output(text, expected):
     (".5", 0.5),
     ("3/4", 0.75),
     ("-3/4", -0.75),
+    ("-$20", -20.0),  # a sign before a currency sign
+    ("$-20", -20.0),  # or after it
+    ("He lost -$1,234.50.", -1234.5),
+    ("\u221220", -20.0),  # U+2212, the typeset minus sign
+    ("\u2212$20", -20.0),
+    ("$\u221220", -20.0),
+    ("\u22123/4", -0.75),
+    ("-\u20ac5", -5.0),
+    ("\\boxed{-$20}", -20.0),
+    ("- $20", 20.0),  # a sign must touch the number, as in "- 20"
+    ("$5 - $20", 20.0),  # a range, not -20
+    ("x-5", 5.0),  # a minus glued to a word is a hyphen, not a sign
+    ("x-$5", 5.0),
+    ("x\u22125", 5.0),
+    ("-$", None),
     ("60 km/h", 60.0),
     ("3 pens, then 12 more, 15 in all", 15.0),  # the last number
     ("2,3,4", 4.0),  # a list, not the number 234
@@ -195,9 +210,39 @@ def test_load_gsm8k_refuses_bad_rows(tmp_path, tokenizer):
         grpo.load_gsm8k("train", tokenizer, local_file=str(bad))
 
 
+@pytest.mark.parametrize("answer, accepted", [
+    ("1 + 1 = 2\n#### 2", True),
+    ("#### -$20", True),
+    ("#### 1,350", True),
+    ("#### 12 apples", True),
+    ("#### ", False),  # nothing after the marker
+    ("one plus one\n####", False),
+    ("#### six", False),  # no number after the marker
+    ("#### 7 #### seven", False),  # the gold is the text after the last marker
+    ("#### 1/0", False),
+])
+def test_load_gsm8k_gold_must_be_a_number(tmp_path, tokenizer, answer, accepted):
+    path = tiny.write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": answer}])
+    if accepted:
+        assert grpo.parse_number(grpo.load_gsm8k("train", tokenizer, local_file=str(path))[0]["answer"]) is not None
+    else:
+        with pytest.raises(grpo.ConfigError, match="line 1 has no number after the last '####'"):
+            grpo.load_gsm8k("train", tokenizer, local_file=str(path))
+
+
+def test_load_gsm8k_reads_a_file_with_a_byte_order_mark(tmp_path, tokenizer):
+    """Windows editors start UTF-8 files with a byte-order mark; it is not part of the first row."""
+    rows = tiny.word_problems(3, seed=4)
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
+    examples = grpo.load_gsm8k("train", tokenizer, local_file=str(path))
+    assert [ex["question"] for ex in examples] == [row["question"] for row in rows]
+
+
 @needs_gsm8k
 @pytest.mark.parametrize("split, expected_rows, expected_commas", [("train", 7473, 79), ("test", 1319, 14)])
 def test_real_gsm8k_golds_all_parse_to_integers(tokenizer, split, expected_rows, expected_commas):
+    # Every row loads through the same checks as --train_file/--eval_file (each gold must parse).
     examples = grpo.load_gsm8k(split, tokenizer, local_file=str(GSM8K / f"{split}.jsonl"))
     assert len(examples) == expected_rows
     commas = 0
@@ -253,6 +298,13 @@ def test_correctness_reward():
                    "<answer>1351</answer>", "1350", "<answer></answer>", GOOD.replace("\n7\n", "\n1350\n")]
     assert grpo.correctness_reward(completions, ["1350"] * len(completions)) == [2.0, 1.5, 1.5, 0.0, 0.0, 0.0, 2.0]
     assert grpo.correctness_reward(["<answer>1,350</answer>", "<answer>1350</answer>"], ["1,350", "1,350"]) == [2.0, 1.5]
+
+
+def test_correctness_reward_negative_amounts():
+    """A negative amount written with a currency sign or the Unicode minus is the same number as its gold."""
+    completions = [GOOD.replace("\n7\n", f"\n{answer}\n") for answer in ("-$20", "$-20", "\u221220", "-20", "$20", "- $20")]
+    assert grpo.correctness_reward(completions, ["-20"] * len(completions)) == [1.5, 1.5, 1.5, 2.0, 0.0, 0.0]
+    assert grpo.correctness_reward(["<reasoning>\n..\n</reasoning>\n<answer>\n-$20\n</answer>"], ["-20"]) == [1.5]
 
 
 def test_format_reward():
