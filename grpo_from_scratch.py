@@ -1175,6 +1175,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
+# Drawing curves.png takes about a second (matplotlib). During training it is drawn at the first checkpoint,
+# then at a checkpoint only when the last drawing is this old: a GSM8K run (many minutes between checkpoints)
+# still redraws at every one, a short CPU run no longer pays a second per checkpoint. The end of the run (or an
+# early stop) always draws it.
+CURVES_MIN_INTERVAL_S = 600
+
+
 class RunLogger:
     """Everything a person reads about a run: metrics.jsonl (one line per step), completions.jsonl
     (samples with their rewards), wandb (offline when no login is found; it never prompts), and
@@ -1183,6 +1190,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None, memory_budget_gb: float | None = None):
         self.run_dir, self.cfg = run_dir, cfg
         self.memory_budget_gb, self.steps_logged = memory_budget_gb, 0
+        self.last_drawn = None  # time.monotonic() of the last curves.png
         if resume_step is not None:  # drop lines of steps after the checkpoint: they will be redone
             for name in ("metrics.jsonl", "completions.jsonl"):
                 write_jsonl(run_dir / name, [r for r in read_jsonl(run_dir / name) if r["step"] <= resume_step])
@@ -1234,8 +1242,12 @@ class RunLogger:
                     if when in summary:
                         self.wandb_run.summary[f"eval/{when}_{key}"] = summary[when][key]
 
-    def draw_curves(self) -> None:
+    def draw_curves(self, final: bool = False) -> None:
+        """curves.png now if final, else only when the last drawing is CURVES_MIN_INTERVAL_S old (or none yet)."""
+        if not final and self.last_drawn is not None and time.monotonic() - self.last_drawn < CURVES_MIN_INTERVAL_S:
+            return
         plot_curves(self.run_dir)
+        self.last_drawn = time.monotonic()
 
     def finish(self) -> None:
         if self.wandb_run is not None:
@@ -1568,6 +1580,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
             train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
                             resume_state=resume_state, generator=generator)
         except TrainingStopped as stopped:
+            if is_main:
+                logger.draw_curves(final=True)
             raise TrainingStopped(f"{stopped}; checkpoint in {run_dir / 'checkpoint'}; resume with:\n  "
                                   f"{resume_command(argv, run_dir)}", stopped.exit_code) from None
     evaluate_and_record("after")
@@ -1587,7 +1601,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
         summary_path.write_text(json.dumps(summary, indent=2))
         model.save_pretrained(run_dir / "model")
         tokenizer.save_pretrained(run_dir / "model")
-        logger.draw_curves()
+        logger.draw_curves(final=True)
         logger.finish()
         print_final_table(summary, run_dir, "GSM8K test" if cfg.eval_file is None else Path(cfg.eval_file).name)
     return summary
