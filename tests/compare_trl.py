@@ -8,8 +8,8 @@ TRL is not a dependency of this project; install it in an environment of its own
     .venv-trl/bin/python tests/compare_trl.py                  # 160 steps each (README's figures)
     .venv-trl/bin/python tests/compare_trl.py --warm_start DIR --steps 20   # keep the warm start; fewer steps
 
-On a busy 2-core CPU the 160-step comparison took 6 minutes, and building the warm start (with the learning
-test's GRPO_LEARNING_THREADS, 2 by default) 10 more; --warm_start DIR builds it once and reuses it.
+The default run took about 6 minutes on 2 CPU cores, 42 s of it building the warm start (with the learning test's
+GRPO_LEARNING_THREADS, 2 by default: 10 minutes when other jobs loaded the machine); --warm_start DIR keeps it.
 
 The work is the CPU learning task of tests/test_learning.py: its warm-started tiny Qwen2 (built by that test's
 own functions, or read from a GRPO_LEARNING_EXPORT folder with --warm_start), its addition word problems and
