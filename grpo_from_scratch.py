@@ -585,7 +585,8 @@ def score_completions(reward_funcs: dict, completions: list[str], answers: list[
 # %% 6. GRPO from scratch: log-probs, masks, advantages, loss
 # selective_log_softmax gives log p(token) = logit[token] - logsumexp(logits) in fp32, a few rows
 # at a time, so no full-vocabulary fp32 copy of the batch ever exists (151,936 columns for Qwen);
-# its backward recomputes softmax chunk by chunk from the saved bf16 logits.
+# its backward recomputes softmax chunk by chunk from the saved bf16 logits. The entropy metric
+# comes out of the same pass over the logits, not a second one.
 LOGSUMEXP_CHUNK_ELEMENTS = 1 << 24  # ~64 MB of fp32 per chunk
 
 
@@ -594,16 +595,34 @@ def _row_chunks(logits: torch.Tensor) -> list[torch.Tensor]:
     return rows.split(max(1, LOGSUMEXP_CHUNK_ELEMENTS // rows.shape[1]))
 
 
+def _logsumexp_and_entropy(chunk: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row, in fp32: logsumexp(z) and, on request, the entropy of softmax(z), from one exp pass.
+    With m the row max, e = exp(z - m) and s = sum(e): logsumexp = log(s) + m (torch.logsumexp's own
+    steps, hence its exact values) and entropy = -sum(p log p) = logsumexp - sum(e * z) / s."""
+    z = chunk.float()
+    row_max = z.amax(-1, keepdim=True)
+    row_max.masked_fill_(row_max.abs() == math.inf, 0)  # as torch.logsumexp: no inf - inf
+    exp_shifted = (z - row_max).exp_()
+    total = exp_shifted.sum(-1)
+    logsumexp = total.log().add_(row_max.squeeze(-1))
+    entropy = logsumexp - torch.linalg.vecdot(exp_shifted, z) / total if with_entropy else None
+    return logsumexp, entropy
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, index):
-        logsumexp = torch.cat([chunk.float().logsumexp(-1) for chunk in _row_chunks(logits)])
+    def forward(ctx, logits, index, with_entropy):
+        parts = [_logsumexp_and_entropy(chunk, with_entropy) for chunk in _row_chunks(logits)]
+        logsumexp = torch.cat([lse for lse, _ in parts])
         selected = logits.reshape(-1, logits.shape[-1]).gather(1, index.reshape(-1, 1)).squeeze(1).float()
         ctx.save_for_backward(logits, index, logsumexp)
-        return (selected - logsumexp).view(index.shape)
+        entropy = torch.cat([ent for _, ent in parts]).view(index.shape) if with_entropy else None
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)  # a metric: no gradient flows through it
+        return (selected - logsumexp).view(index.shape), entropy
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, grad_entropy):
         # d log p(i) / d logit(j) = 1[j = i] - softmax(j), scaled by the incoming gradient.
         logits, index, logsumexp = ctx.saved_tensors
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -615,22 +634,14 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             grad.scatter_add_(1, flat_index[start:end], flat_grad[start:end])
             grad_chunk.copy_(grad)
             start = end
-        return grad_logits, None
+        return grad_logits, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits.float()).gather(-1, index[..., None])[..., 0], without the full fp32 copy."""
-    return _SelectiveLogSoftmax.apply(logits.contiguous(), index)
-
-
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, chunked like selective_log_softmax."""
-    entropies = []
-    for chunk in _row_chunks(logits.contiguous()):
-        log_p = chunk.float().log_softmax(-1)
-        entropies.append(-(log_p.exp() * log_p).sum(-1))
-    return torch.cat(entropies).view(logits.shape[:-1])
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, with_entropy: bool = False):
+    """log_softmax(logits.float()).gather(-1, index[..., None])[..., 0], without the full fp32 copy.
+    with_entropy=True returns (log_probs, entropy): also each position's softmax entropy (no grad)."""
+    log_probs, entropy = _SelectiveLogSoftmax.apply(logits.contiguous(), index, with_entropy)
+    return (log_probs, entropy) if with_entropy else log_probs
 
 
 # The policy's per-token log-probs come from one small module so that nn.DataParallel (or DDP)
@@ -650,8 +661,10 @@ class PerTokenLogProbs(nn.Module):
         # Position t predicts token t+1; the last kept position predicts past the sequence, so its
         # target is a dummy and its log-prob is dropped.
         targets = F.pad(input_ids[:, -logits_to_keep:], (0, 1))
-        log_probs = selective_log_softmax(logits, targets)[:, :-1]
-        return (log_probs, token_entropy(logits[:, :-1])) if with_entropy else log_probs
+        if with_entropy:
+            log_probs, entropy = selective_log_softmax(logits, targets, with_entropy=True)
+            return log_probs[:, :-1], entropy[:, :-1]
+        return selective_log_softmax(logits, targets)[:, :-1]
 
 
 def rows_per_call(module: nn.Module, micro_batch_size: int) -> int:
@@ -1162,6 +1175,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
+# Drawing curves.png takes about a second (matplotlib). During training it is drawn at the first checkpoint,
+# then at a checkpoint only when the last drawing is this old: a GSM8K run (many minutes between checkpoints)
+# still redraws at every one, a short CPU run no longer pays a second per checkpoint. The end of the run (or an
+# early stop) always draws it.
+CURVES_MIN_INTERVAL_S = 600
+
+
 class RunLogger:
     """Everything a person reads about a run: metrics.jsonl (one line per step), completions.jsonl
     (samples with their rewards), wandb (offline when no login is found; it never prompts), and
@@ -1170,6 +1190,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None, memory_budget_gb: float | None = None):
         self.run_dir, self.cfg = run_dir, cfg
         self.memory_budget_gb, self.steps_logged = memory_budget_gb, 0
+        self.last_drawn = None  # time.monotonic() of the last curves.png
         if resume_step is not None:  # drop lines of steps after the checkpoint: they will be redone
             for name in ("metrics.jsonl", "completions.jsonl"):
                 write_jsonl(run_dir / name, [r for r in read_jsonl(run_dir / name) if r["step"] <= resume_step])
@@ -1221,8 +1242,12 @@ class RunLogger:
                     if when in summary:
                         self.wandb_run.summary[f"eval/{when}_{key}"] = summary[when][key]
 
-    def draw_curves(self) -> None:
+    def draw_curves(self, final: bool = False) -> None:
+        """curves.png now if final, else only when the last drawing is CURVES_MIN_INTERVAL_S old (or none yet)."""
+        if not final and self.last_drawn is not None and time.monotonic() - self.last_drawn < CURVES_MIN_INTERVAL_S:
+            return
         plot_curves(self.run_dir)
+        self.last_drawn = time.monotonic()
 
     def finish(self) -> None:
         if self.wandb_run is not None:
@@ -1555,6 +1580,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
             train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
                             resume_state=resume_state, generator=generator)
         except TrainingStopped as stopped:
+            if is_main:
+                logger.draw_curves(final=True)
             raise TrainingStopped(f"{stopped}; checkpoint in {run_dir / 'checkpoint'}; resume with:\n  "
                                   f"{resume_command(argv, run_dir)}", stopped.exit_code) from None
     evaluate_and_record("after")
@@ -1574,7 +1601,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
         summary_path.write_text(json.dumps(summary, indent=2))
         model.save_pretrained(run_dir / "model")
         tokenizer.save_pretrained(run_dir / "model")
-        logger.draw_curves()
+        logger.draw_curves(final=True)
         logger.finish()
         print_final_table(summary, run_dir, "GSM8K test" if cfg.eval_file is None else Path(cfg.eval_file).name)
     return summary

@@ -495,20 +495,45 @@ def test_selective_log_softmax_never_makes_a_full_fp32_copy(monkeypatch):
     assert ours.largest <= 4 * vocab
 
 
-def test_token_entropy_matches_direct_formula(monkeypatch):
+def _entropy(logits):
+    """The entropy selective_log_softmax returns alongside the log-probs (any index will do)."""
+    index = torch.zeros(logits.shape[:-1], dtype=torch.long)
+    return grpo.selective_log_softmax(logits, index, with_entropy=True)[1]
+
+
+def test_entropy_matches_direct_formula(monkeypatch):
     torch.manual_seed(2)
     logits = torch.randn(3, 5, 40) * 2
     p = torch.softmax(logits, -1)
     direct = -(p * torch.log(p)).sum(-1)
-    torch.testing.assert_close(grpo.token_entropy(logits), direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_entropy(logits), direct, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(grpo, "LOGSUMEXP_CHUNK_ELEMENTS", 2 * 40)
-    torch.testing.assert_close(grpo.token_entropy(logits.bfloat16()), -(torch.softmax(logits.bfloat16().float(), -1) *
+    torch.testing.assert_close(_entropy(logits.bfloat16()), -(torch.softmax(logits.bfloat16().float(), -1) *
                                torch.log_softmax(logits.bfloat16().float(), -1)).sum(-1), rtol=1e-5, atol=1e-5)
-    uniform = grpo.token_entropy(torch.zeros(2, 40))
+    uniform = _entropy(torch.zeros(2, 40))
     torch.testing.assert_close(uniform, torch.full((2,), math.log(40)))
     peaked = torch.full((1, 40), -1e4)
     peaked[0, 3] = 0
-    assert grpo.token_entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
+    assert _entropy(peaked).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_leaves_log_probs_and_gradients_unchanged(monkeypatch, dtype):
+    monkeypatch.setattr(grpo, "LOGSUMEXP_CHUNK_ELEMENTS", 3 * 50)  # several chunks
+    torch.manual_seed(3)
+    logits = (torch.randn(4, 6, 50) * 3).to(dtype)
+    index = torch.randint(0, 50, (4, 6))
+    upstream = torch.randn(4, 6)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    plain = grpo.selective_log_softmax(a, index)
+    with_entropy, entropy = grpo.selective_log_softmax(b, index, with_entropy=True)
+    assert torch.equal(plain, with_entropy) and not entropy.requires_grad
+    # The one-pass log-sum-exp takes torch.logsumexp's steps, so the log-probs are the ones it gives, bit for bit.
+    floats = logits.float()
+    assert torch.equal(plain, floats.gather(-1, index[..., None])[..., 0] - floats.logsumexp(-1))
+    (plain * upstream).sum().backward()
+    (with_entropy * upstream + entropy.sum()).sum().backward()  # the entropy adds nothing to the gradient
+    assert torch.equal(a.grad, b.grad)
 
 
 def test_create_completion_mask():
