@@ -256,7 +256,7 @@ def test_resume_may_change_eval_steps_not_the_subset(finished_run, capsys, no_mo
     argv, run_dir = finished_run
     line = refusal([*argv, "--eval_subset_size", "3", "--resume"], capsys)
     assert line.startswith("error: --resume: --eval_subset_size differ"), line
-    grpo.check_resume_compatible(grpo.parse_config([*argv, "--eval_steps", "7", "--resume"]), run_dir)  # accepted
+    grpo.check_resume_compatible(grpo.parse_config([*argv, "--eval_steps", "7", "--resume"]), run_dir, 1)  # accepted
 
 
 def test_resume_without_a_run_refused(finished_run, inputs, tmp_path, capsys, no_model_load):
