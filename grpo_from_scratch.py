@@ -46,6 +46,8 @@ class Config:
     num_eval_examples: int = field(default=0, metadata={"help": "Evaluate on the first N test questions; 0 = the whole test split (1,319)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Questions per greedy generate call, per GPU."})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "Token budget of an evaluation answer."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate greedily on --eval_subset_size held-out questions every N steps (0 = off). 50: 10 points over the default 500 steps for an estimated 5-10% more time on one GPU (README: What periodic evaluation costs)."})
+    eval_subset_size: int = field(default=256, metadata={"help": "Questions of the periodic evaluation: the same ones every time, drawn from the eval split by a fixed seed (not --seed); all of them if the split is smaller."})
     # The GRPO recipe. Defaults are the tutorial's, so results compare.
     num_iterations: int = field(default=1, metadata={"help": "Outer iterations; the reference model is refreshed from the policy at the start of each."})
     num_steps: int = field(default=500, metadata={"help": "Rollout batches per iteration."})
@@ -84,20 +86,25 @@ class ConfigError(Exception):
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
-# Flags that may differ between a run and its --resume without changing the result.
-RESUME_MAY_CHANGE = {"resume", "run_name", "output_dir", "report_to", "wandb_project", "save_steps", "log_completions_steps", "eval_batch_size"}
+# Flags that may differ between a run and its --resume without changing the result. eval_steps
+# only decides when the model is looked at (greedy evaluation draws no random numbers), so a
+# resumed run may look more or less often; eval_subset_size may not change: the points before and
+# after the resume would measure different questions on one curve.
+RESUME_MAY_CHANGE = {"resume", "run_name", "output_dir", "report_to", "wandb_project", "save_steps", "log_completions_steps",
+                     "eval_batch_size", "eval_steps"}
 
 
 def validate_config(cfg: Config) -> None:
     """Refuse impossible settings before anything heavy loads; each message names its flag."""
     positive = ["num_iterations", "num_steps", "batch_size", "max_completion_length", "eval_batch_size",
-                "eval_max_new_tokens", "micro_batch_size", "save_steps", "log_completions_steps", "mu"]
+                "eval_max_new_tokens", "eval_subset_size", "micro_batch_size", "save_steps", "log_completions_steps", "mu"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
     checks = [
         (cfg.num_generations >= 2, f"--num_generations must be >= 2: a group of one has no relative advantage (got {cfg.num_generations})"),
         (cfg.num_eval_examples >= 0, f"--num_eval_examples must be >= 0, 0 = all (got {cfg.num_eval_examples})"),
+        (cfg.eval_steps >= 0, f"--eval_steps must be >= 0, 0 = off (got {cfg.eval_steps})"),
         (cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})"),
         (cfg.learning_rate > 0, f"--learning_rate must be > 0 (got {cfg.learning_rate})"),
         (cfg.max_grad_norm > 0, f"--max_grad_norm must be > 0 (got {cfg.max_grad_norm})"),
@@ -487,6 +494,38 @@ def score_answer(index: int, example: dict, completion: str, truncated: bool) ->
             "extracted": tagged, "correct": numbers_equal(parse_number(tagged if tagged is not None else completion), gold),
             "strict_correct": numbers_equal(parse_number(tagged), gold),
             "formatted": format_reward([completion])[0] == 0.8, "truncated": bool(truncated)}
+
+
+# Evaluation during training: every --eval_steps steps the same greedy evaluation runs on a fixed
+# subset of the eval split, so a held-out accuracy curve sits beside the reward curves (reward mixes
+# learning the format, which is fast, with learning to solve). The subset comes from a private
+# generator with a fixed seed: choosing it draws nothing from the training RNG, and every run (any
+# --seed, any recipe) watches the same questions, so their curves compare.
+EVAL_SUBSET_SEED = 0
+
+
+def eval_subset(num_examples: int, size: int) -> list[int]:
+    """Indices of the periodic evaluation's questions, sorted: the first `size` of a fixed permutation."""
+    return sorted(int(i) for i in np.random.default_rng(EVAL_SUBSET_SEED).permutation(num_examples)[:size])
+
+
+def evaluate_at_step(model, tokenizer, eval_examples: list[dict], indices: list[int], cfg: Config, step: int,
+                     logger=None) -> dict:
+    """evaluate_model on eval_examples[indices] at a training step; logged and returned as one line of
+    eval_steps.jsonl: the step, the rates, n, seconds, and per question its index in the eval split and
+    whether it was answered right (lenient), so two steps can be compared question by question."""
+    start = time.perf_counter()
+    result = evaluate_model(model, tokenizer, [eval_examples[i] for i in indices], cfg.eval_batch_size,
+                            cfg.eval_max_new_tokens, f"eval step {step}")
+    record = {"step": step, **{key: result[key] for key in ("accuracy", "strict_accuracy", "format_rate", "truncation_rate", "n")},
+              "seconds": time.perf_counter() - start, "indices": [indices[r["index"]] for r in result["records"]],
+              "correct": [int(r["correct"]) for r in result["records"]]}
+    if logger is not None:
+        logger.log_eval(record)
+    if is_main_process():
+        tqdm.write(f"eval step {step}: accuracy {record['accuracy']:.3f} (strict {record['strict_accuracy']:.3f}) "
+                   f"on {record['n']} questions, {record['seconds']:.1f} s")
+    return record
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -930,13 +969,16 @@ STOP_SIGNALS: list[str] = []  # filled by the SIGINT/SIGTERM handler; checked af
 
 def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, run_dir: Path | None = None,
                     reward_funcs: dict | None = None, logger=None, reference_model: nn.Module | None = None,
-                    resume_state: dict | None = None, generator: ParallelGenerator | None = None) -> nn.Module:
+                    resume_state: dict | None = None, generator: ParallelGenerator | None = None,
+                    eval_examples: list[dict] | None = None) -> nn.Module:
     """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
     from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint;
-    generator (a ParallelGenerator of model) defaults to one over every GPU of this process."""
+    generator (a ParallelGenerator of model) defaults to one over every GPU of this process; with
+    eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them."""
     reward_funcs = reward_funcs or {name: REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
     device = next(model.parameters()).device
     generator = generator or ParallelGenerator(model)
+    eval_indices = eval_subset(len(eval_examples), cfg.eval_subset_size) if eval_examples and cfg.eval_steps else []
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -1000,6 +1042,11 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
             logger.log_step(metrics)
             if step % cfg.log_completions_steps == 0 or step == 1:
                 logger.log_completions(step, batch[0], rollout, rewards_per_func, list(reward_funcs), advantages)
+        # Held-out evaluation after the step's update and before its checkpoint: a checkpoint at step s
+        # then implies every evaluation up to s is on record, and a resume from s redoes those after s
+        # (RunLogger drops their lines). Greedy decoding draws no random numbers: training is unchanged.
+        if eval_indices and step % cfg.eval_steps == 0:
+            evaluate_at_step(generator, tokenizer, eval_examples, eval_indices, cfg, step, logger)
 
         stop_reason = None
         if state["nonfinite_in_a_row"] >= 3:
@@ -1175,6 +1222,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+
 # Drawing curves.png takes about a second (matplotlib). During training it is drawn at the first checkpoint,
 # then at a checkpoint only when the last drawing is this old: a GSM8K run (many minutes between checkpoints)
 # still redraws at every one, a short CPU run no longer pays a second per checkpoint. The end of the run (or an
@@ -1184,15 +1236,15 @@ CURVES_MIN_INTERVAL_S = 600
 
 class RunLogger:
     """Everything a person reads about a run: metrics.jsonl (one line per step), completions.jsonl
-    (samples with their rewards), wandb (offline when no login is found; it never prompts), and
-    curves.png. Only the main process has one."""
+    (samples with their rewards), eval_steps.jsonl (one line per periodic evaluation), wandb (offline
+    when no login is found; it never prompts), and curves.png. Only the main process has one."""
 
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None, memory_budget_gb: float | None = None):
         self.run_dir, self.cfg = run_dir, cfg
         self.memory_budget_gb, self.steps_logged = memory_budget_gb, 0
         self.last_drawn = None  # time.monotonic() of the last curves.png
         if resume_step is not None:  # drop lines of steps after the checkpoint: they will be redone
-            for name in ("metrics.jsonl", "completions.jsonl"):
+            for name in ("metrics.jsonl", "completions.jsonl", "eval_steps.jsonl"):
                 write_jsonl(run_dir / name, [r for r in read_jsonl(run_dir / name) if r["step"] <= resume_step])
         self.wandb_run = self._start_wandb() if cfg.report_to == "wandb" else None
 
@@ -1216,8 +1268,7 @@ class RunLogger:
             tqdm.write(f"step {metrics['step']}: peak GPU memory {metrics['gpu_memory_gb']:.1f} GB measured, "
                        f"{self.memory_budget_gb:.1f} GB estimated")
         finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:  # NaN is not JSON: a skipped step logs null
-            handle.write(json.dumps(finite) + "\n")
+        append_jsonl(self.run_dir / "metrics.jsonl", [finite])  # NaN is not JSON: a skipped step logs null
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
@@ -1228,12 +1279,18 @@ class RunLogger:
                  "completion": rollout["completions"][i], "reward": float(rewards_per_func[i].sum()),
                  **{f"rewards/{name}": float(rewards_per_func[i, j]) for j, name in enumerate(func_names)},
                  "advantage": float(advantages[i])} for i in range(min(count, len(rollout["completions"])))]
-        with open(self.run_dir / "completions.jsonl", "a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        append_jsonl(self.run_dir / "completions.jsonl", rows)
         if self.wandb_run is not None:
             import wandb
             table = wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
             self.wandb_run.log({"completions": table}, step=step)
+
+    def log_eval(self, record: dict) -> None:
+        """A periodic evaluation (see evaluate_at_step): a line of eval_steps.jsonl, eval/* curves in wandb."""
+        append_jsonl(self.run_dir / "eval_steps.jsonl", [record])
+        if self.wandb_run is not None:
+            keys = ("accuracy", "strict_accuracy", "format_rate", "truncation_rate", "seconds")
+            self.wandb_run.log({f"eval/{key}": record[key] for key in keys}, step=record["step"])
 
     def log_summary(self, summary: dict) -> None:
         if self.wandb_run is not None:
@@ -1265,13 +1322,15 @@ def wandb_credentials_found() -> bool:
 
 
 def plot_curves(run_dir: Path) -> None:
-    """curves.png: reward (total and per function), accuracy before/after, KL, completion length
-    and clipped ratio, share of groups without signal, step time."""
+    """curves.png: reward (total and per function), held-out accuracy (periodic on the subset, before
+    and after on the full split), KL, completion length and clipped ratio, share of groups without
+    signal, step time."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_jsonl(run_dir / "metrics.jsonl")
+    evaluations = read_jsonl(run_dir / "eval_steps.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     steps = [r["step"] for r in records]
     series = lambda key: [float("nan") if r.get(key) is None else r[key] for r in records]  # noqa: E731
@@ -1282,12 +1341,18 @@ def plot_curves(run_dir: Path) -> None:
         reward_ax.plot(steps, series(key), label=key.split("/", 1)[1], alpha=0.7)
     reward_ax.set_title("reward (mean per completion)")
     reward_ax.legend(fontsize=8)
-    labels = [w for w in ("before", "after") if w in summary]
-    for offset, key in ((-0.2, "accuracy"), (0.2, "strict_accuracy")):
-        accuracy_ax.bar([i + offset for i in range(len(labels))], [summary[w][key] for w in labels], width=0.4, label=key)
-    accuracy_ax.set_xticks(range(len(labels)), labels)
-    accuracy_ax.set_ylim(0, 1)
-    accuracy_ax.set_title("eval accuracy (greedy)")
+    # Periodic evaluations as lines; the full split's before (step 0) and after (last step) as squares.
+    full = [(0, summary["before"])] if "before" in summary else []
+    full += [(steps[-1], summary["after"])] if "after" in summary and steps else []
+    for key, color in (("accuracy", "tab:blue"), ("strict_accuracy", "tab:orange")):
+        if evaluations:
+            accuracy_ax.plot([e["step"] for e in evaluations], [e[key] for e in evaluations], "o-", color=color,
+                             markersize=3, label=f"{key}, subset of {evaluations[0]['n']}")
+        if full:
+            accuracy_ax.plot([step for step, _ in full], [result[key] for _, result in full], "s", color=color, markersize=8,
+                             markerfacecolor="none", label=f"{key}, all {full[0][1]['n']}, before/after")
+    accuracy_ax.set_ylim(-0.02, 1.02)  # points at 0 and 1 stay visible
+    accuracy_ax.set_title("held-out accuracy (greedy)")
     accuracy_ax.legend(fontsize=8)
     kl_ax.plot(steps, series("kl"))
     kl_ax.set_title("KL to reference")
@@ -1304,7 +1369,7 @@ def plot_curves(run_dir: Path) -> None:
     time_ax.plot(steps, series("rollout_time"), label="rollout")
     time_ax.set_title("seconds per step")
     time_ax.legend(fontsize=8)
-    for ax in (reward_ax, kl_ax, length_ax, signal_ax, time_ax):
+    for ax in (reward_ax, accuracy_ax, kl_ax, length_ax, signal_ax, time_ax):
         ax.set_xlabel("step")
     figure.tight_layout()
     figure.savefig(run_dir / "curves.png", dpi=80)
@@ -1578,7 +1643,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     with stop_after_step():
         try:
             train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
-                            resume_state=resume_state, generator=generator)
+                            resume_state=resume_state, generator=generator, eval_examples=eval_examples)
         except TrainingStopped as stopped:
             if is_main:
                 logger.draw_curves(final=True)
@@ -1598,6 +1663,11 @@ def run(cfg: Config, argv: list[str]) -> dict:
         summary.update({"steps": len(records), "world_size": world_size, "train_seconds": sum(r["step_time"] for r in records),
                         "tokens_per_second": tokens / max(rollout_seconds, 1e-9), "replica_checksums": checksums,
                         "wall_seconds_this_process": time.perf_counter() - started})
+        evaluations = read_jsonl(run_dir / "eval_steps.jsonl")
+        if evaluations:  # the best periodic evaluation (the earliest on ties) and the last one
+            best = max(evaluations, key=lambda e: e["accuracy"])
+            summary["eval_steps"] = {name: {key: e[key] for key in ("step", "accuracy", "strict_accuracy", "n")}
+                                     for name, e in (("best", best), ("last", evaluations[-1]))}
         summary_path.write_text(json.dumps(summary, indent=2))
         model.save_pretrained(run_dir / "model")
         tokenizer.save_pretrained(run_dir / "model")
@@ -1608,15 +1678,21 @@ def run(cfg: Config, argv: list[str]) -> dict:
 
 
 def print_final_table(summary: dict, run_dir: Path, eval_set: str) -> None:
+    """Accuracy before and after on the full split; with --eval_steps, the best and the last periodic
+    evaluation on the subset below them."""
+    rows = [(f"{when} (n={summary[when]['n']})", summary[when]) for when in ("before", "after")]
+    periodic = summary.get("eval_steps", {})
+    rows += [(f"{name}: step {result['step']} (n={result['n']})", result) for name, result in periodic.items()]
     print("\n" + "-" * 68)
     print(f"{eval_set + ' (greedy)':<22}{'accuracy [95% CI]':>24}{'strict [95% CI]':>22}")
-    for when in ("before", "after"):
-        result = summary[when]
+    for label, result in rows:
         cells = []
         for key in ("accuracy", "strict_accuracy"):
             low, high = wilson_interval(round(result[key] * result["n"]), result["n"])
             cells.append(f"{result[key]:.3f} [{low:.3f}, {high:.3f}]")
-        print(f"{when + ' (n=' + str(result['n']) + ')':<22}{cells[0]:>24}{cells[1]:>22}")
+        print(f"{label:<22}{cells[0]:>24}{cells[1]:>22}")
+    if periodic:
+        print("best/last: periodic evaluations on a fixed subset; the best of several noisy points reads high")
     print(f"steps {summary['steps']} | training {summary['train_seconds'] / 60:.1f} min | "
           f"rollout {summary['tokens_per_second']:.0f} tokens/s | run folder {run_dir}")
     print("-" * 68)

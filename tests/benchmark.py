@@ -12,8 +12,11 @@ tokens: the worst case of a real step. Measured, in one run:
      prompts and lengths: what the KV cache saves;
   2. log-prob + loss + backward time (grpo_update over micro-batches);
   3. full train_with_grpo steps and their split (rollout, reference, update), peak memory;
-  4. peak extra memory of selective_log_softmax vs the naive full log_softmax at 151,936 columns.
-The last line is `BENCH cache_speedup=<x> logprob_mem_ratio=<y> step_s=<s> peak_mem_gb=<g> device=<name>`.
+  4. peak extra memory of selective_log_softmax vs the naive full log_softmax at 151,936 columns;
+  5. one periodic evaluation (--eval_steps) at the default --eval_subset_size 256 and --eval_batch_size
+     64, with answers of 512 tokens (on CPU scaled like the rollout's: 512/400 of its new tokens), in
+     seconds and in full steps. Random weights never stop here either: every answer runs its budget.
+The last line is `BENCH cache_speedup=<x> logprob_mem_ratio=<y> step_s=<s> eval_s=<e> peak_mem_gb=<g> device=<name>`.
 """
 import argparse
 import json
@@ -153,6 +156,19 @@ def bench_steps(model, tokenizer, examples, cfg, device):
     return {key: mean(key) for key in ("step_time", "rollout_time", "reference_time", "update_time", "tokens_per_second")}
 
 
+def bench_periodic_eval(model, tokenizer, cfg, device):
+    """One periodic evaluation as train_with_grpo runs it: greedy, on eval_subset_size questions."""
+    questions = [r["question"] for r in tiny.word_problems(cfg.eval_subset_size, seed=4)]
+    examples = [{"question": q, "prompt": grpo.build_prompt(q, tokenizer), "answer": "0"} for q in questions]
+    sync(device)
+    start = time.perf_counter()
+    result = grpo.evaluate_model(grpo.ParallelGenerator(model), tokenizer, examples, cfg.eval_batch_size,
+                                 cfg.eval_max_new_tokens, "periodic eval")
+    sync(device)
+    return {"eval_s": time.perf_counter() - start, "questions": result["n"], "max_new_tokens": cfg.eval_max_new_tokens,
+            "truncation_rate": result["truncation_rate"]}
+
+
 LOGPROB_PROBE = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
@@ -224,13 +240,14 @@ def main():
     prompts = [ex["prompt"] for ex in examples[:batch] for _ in range(generations)]
     cfg = grpo.Config(batch_size=batch, num_generations=generations, max_completion_length=max_new,
                       micro_batch_size=micro, num_steps=steps, report_to="none", save_steps=10**6,
-                      log_completions_steps=10**6, learning_rate=5e-6)
+                      log_completions_steps=10**6, learning_rate=5e-6, eval_max_new_tokens=max_new * 512 // 400)
     params = sum(p.numel() for p in model.parameters())
     repeats = 1 if args.quick or args.device == "cuda" else 2
 
     rollout = bench_rollout(model, tokenizer, prompts, max_new, device, repeats)
     update = bench_update(model, tokenizer, prompts, cfg, device, repeats)
     step = bench_steps(model, tokenizer, examples, cfg, device)
+    periodic = bench_periodic_eval(model, tokenizer, cfg, device)
     peak_gb = peak_memory_gb(device)
     memory = bench_logprob_memory(device, rows)
 
@@ -247,6 +264,8 @@ def main():
         ("log-probs + loss + backward + optimizer", f"{update['update_s']:.2f} s ({update['sequences']} sequences)"),
         ("full step (train_with_grpo)", f"{step['step_time']:.2f} s"),
         ("  rollout / reference / update", f"{step['rollout_time']:.2f} / {step['reference_time']:.2f} / {step['update_time']:.2f} s"),
+        (f"periodic eval, {periodic['questions']} questions x {periodic['max_new_tokens']} tokens",
+         f"{periodic['eval_s']:.2f} s = {periodic['eval_s'] / step['step_time']:.1f} steps"),
         ("peak memory" + (" (CUDA allocated)" if device.type == "cuda" else " (process RSS)"), f"{peak_gb:.2f} GB"),
         (f"log-softmax extra memory, {memory['rows']} x {QWEN_VOCAB}, fwd+bwd",
          f"naive {memory['naive']:.3f} GB, selective {memory['selective']:.3f} GB"),
@@ -255,12 +274,13 @@ def main():
     for label, value in rows_out:
         print(f"{label:<52}{value:>20}")
     print("-" * 72)
-    results = {"rollout": rollout, "update": update, "step": step, "peak_mem_gb": peak_gb, "logprob_memory": memory,
-               "device": name, "quick": args.quick}
+    results = {"rollout": rollout, "update": update, "step": step, "periodic_eval": periodic, "peak_mem_gb": peak_gb,
+               "logprob_memory": memory, "device": name, "quick": args.quick}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"BENCH cache_speedup={rollout['ours_tok_s'] / rollout['no_cache_tok_s']:.2f} "
-          f"logprob_mem_ratio={memory['ratio']:.3f} step_s={step['step_time']:.2f} peak_mem_gb={peak_gb:.2f} "
+          f"logprob_mem_ratio={memory['ratio']:.3f} step_s={step['step_time']:.2f} eval_s={periodic['eval_s']:.2f} "
+          f"peak_mem_gb={peak_gb:.2f} "
           f"device={name.replace(' ', '_')}")
 
 

@@ -200,9 +200,9 @@ def test_parallel_evaluation_records_match_one_device(model, tokenizer, monkeypa
 def run_script(inputs, output_dir, monkeypatch, gpus_count: int | None, run_name: str) -> tuple[dict, dict]:
     """main() in this process (so the emulation applies): 2 steps of 2 prompts x 4 completions with
     micro_batch_size 1 and eval_batch_size 1, so every chunk has fewer rows than there are GPUs or
-    ends uneven (8 rows over 3 GPUs: 3 + 3 + 2)."""
+    ends uneven (8 rows over 3 GPUs: 3 + 3 + 2), and a periodic evaluation of 4 questions after each step."""
     args = tiny.run_args(inputs, output_dir, run_name=run_name, micro_batch_size=1, eval_batch_size=1, beta=0.04,
-                         max_completion_length=12)
+                         max_completion_length=12, eval_steps=1, eval_subset_size=4)
     if gpus_count is None:
         return grpo.main(args), {}
     with emulated_gpus(gpus_count, monkeypatch) as gpus:
@@ -222,8 +222,11 @@ def test_whole_script_on_three_emulated_gpus(inputs, tmp_path, monkeypatch):
     assert config["devices_per_process"] == 3 and config["world_size"] == 1
     assert [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
     assert summary["steps"] == 2 and summary["before"]["n"] == summary["after"]["n"] == 5
-    # Rollouts, evaluation, log-probs (reference) and the loss all went through the multi-GPU path.
-    assert calls["parallel_apply"] >= 2 + 2 * 2 and calls["data_parallel_forwards"] >= 2 * (3 + 3)
+    periodic = grpo.read_jsonl(run_dir / "eval_steps.jsonl")
+    assert [(e["step"], e["n"]) for e in periodic] == [(1, 4), (2, 4)]
+    # Rollouts, evaluations (before, after: 5 questions; periodic: 4; 3 per call), log-probs (reference)
+    # and the loss all went through the multi-GPU path.
+    assert calls["parallel_apply"] >= 2 + 2 * 2 + 2 * 2 and calls["data_parallel_forwards"] >= 2 * (3 + 3)
     assert (run_dir / "checkpoint" / "trainer_state.json").is_file() and (run_dir / "model" / "config.json").is_file()
     metrics = grpo.read_jsonl(run_dir / "metrics.jsonl")
     assert all(m["grad_norm"] > 0 and m["kl"] >= 0 for m in metrics)
@@ -235,8 +238,10 @@ def test_whole_script_on_three_emulated_gpus(inputs, tmp_path, monkeypatch):
     # Sampling on three GPUs is reproducible: each GPU's thread draws from its own generator.
     run_script(inputs, tmp_path, monkeypatch, 3, "three-gpus-again")
     again = grpo.read_jsonl(tmp_path / "three-gpus-again" / "metrics.jsonl")
-    steady = lambda records: [{k: v for k, v in r.items() if "time" not in k and k != "tokens_per_second"} for r in records]  # noqa: E731
+    timings = ("tokens_per_second", "seconds")
+    steady = lambda records: [{k: v for k, v in r.items() if "time" not in k and k not in timings} for r in records]  # noqa: E731
     assert steady(again) == steady(metrics)
+    assert steady(grpo.read_jsonl(tmp_path / "three-gpus-again" / "eval_steps.jsonl")) == steady(periodic)
     assert json.loads((tmp_path / "three-gpus-again" / "summary.json").read_text())["after"] == summary["after"]
 
 

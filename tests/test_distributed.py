@@ -55,10 +55,12 @@ def torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.
 @pytest.fixture(scope="module")
 def two_rank_run(inputs, tmp_path_factory):
     """`torchrun --standalone --nproc_per_node 2 grpo_from_scratch.py <tiny args> --num_steps 2`, with no
-    --run_name, so the ranks must agree on the time-stamped folder name."""
+    --run_name, so the ranks must agree on the time-stamped folder name, and a periodic evaluation of 5
+    of the 8 eval questions after each step."""
     tmp_path = tmp_path_factory.mktemp("torchrun")
     output_dir = tmp_path / "out"
-    args = without_run_name(tiny.run_args(inputs, output_dir, max_completion_length=24)) + ["--num_steps", "2"]
+    args = without_run_name(tiny.run_args(inputs, output_dir, max_completion_length=24, eval_steps=1, eval_subset_size=5))
+    args += ["--num_steps", "2"]
     result = torchrun([str(SCRIPT), *args], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result, output_dir, tmp_path
@@ -79,6 +81,10 @@ def test_torchrun_two_ranks_run_to_completion(two_rank_run, inputs):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["before"]["n"] == summary["after"]["n"] == 8
     assert [r["index"] for r in grpo.read_jsonl(run_dir / "eval_after.jsonl")] == list(range(8))
+    # So was each periodic evaluation: all 5 questions of the subset, each once, logged and printed once.
+    evaluations = grpo.read_jsonl(run_dir / "eval_steps.jsonl")
+    assert [(e["step"], e["n"], e["indices"]) for e in evaluations] == [(step, 5, grpo.eval_subset(8, 5)) for step in (1, 2)]
+    assert result.stdout.count("eval step 1: accuracy") == 1
     # Every rank saved its RNG state; only rank 0 saved the weights.
     checkpoint = run_dir / "checkpoint"
     assert {p.name for p in checkpoint.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}

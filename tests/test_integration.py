@@ -7,10 +7,13 @@ import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -26,6 +29,7 @@ ISSUE7_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean
                "clip_ratio/region_mean", "entropy", "loss", "grad_norm", "learning_rate", "step_time", "rollout_time",
                "tokens_per_second"]
 SUMMARY_KEYS = {"accuracy", "strict_accuracy", "format_rate", "truncation_rate", "n"}
+PERIODIC_KEYS = {"step", "accuracy", "strict_accuracy", "format_rate", "truncation_rate", "n", "seconds", "indices", "correct"}
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +258,60 @@ def test_evaluate_model_on_the_tiny_model(tokenizer):
 
 
 # --------------------------------------------------------------------------------------------
+# Evaluation during training (--eval_steps)
+# --------------------------------------------------------------------------------------------
+def global_rng_states() -> tuple:
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def same_rng_states(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_eval_subset_is_fixed_and_draws_nothing_from_the_global_rng():
+    grpo.seed_everything(1)
+    states = global_rng_states()
+    subset = grpo.eval_subset(1319, 256)
+    assert same_rng_states(global_rng_states(), states)  # choosing it perturbs no training randomness
+    grpo.seed_everything(2)
+    np.random.rand(3), torch.rand(3)
+    assert grpo.eval_subset(1319, 256) == subset  # whatever the seed and the state of the global RNGs
+    assert subset == sorted(set(subset)) and len(subset) == 256 and 0 <= subset[0] and subset[-1] < 1319
+    assert subset != list(range(256)) and subset[-1] > 1000  # spread over the split, not its first questions
+    assert grpo.eval_subset(8, 256) == list(range(8))  # a split smaller than the subset: all of it
+
+
+def test_greedy_evaluation_draws_no_random_numbers(tokenizer):
+    """Periodic evaluation runs between training steps: if it drew from the global RNG, the rollouts after
+    it would sample other completions than in a run without it."""
+    model = stopping_model(tokenizer)
+    examples = [{"question": "Q", "prompt": prompt, "answer": "7"} for prompt in prompts_of_varied_length(tokenizer)]
+    grpo.seed_everything(3)
+    states = global_rng_states()
+    result = grpo.evaluate_model(model, tokenizer, examples, batch_size=2, max_new_tokens=8)
+    assert result["n"] == 3 and same_rng_states(global_rng_states(), states)
+    # Control: sampling does draw from it, so the check can fail.
+    grpo.generate_completions(model, tokenizer, [ex["prompt"] for ex in examples], temperature=1.0, max_new_tokens=8)
+    assert not same_rng_states(global_rng_states(), states)
+
+
+def test_run_logger_records_periodic_evaluations(tmp_path):
+    """A line of eval_steps.jsonl and eval/* in wandb at the evaluation's step; a resume drops the lines
+    after its checkpoint, as for metrics.jsonl."""
+    logger = grpo.RunLogger(tmp_path, grpo.Config(report_to="none"), resume_step=None)
+    logged = []
+    logger.wandb_run = types.SimpleNamespace(log=lambda data, step: logged.append((step, data)))
+    for step in (2, 4):
+        logger.log_eval({"step": step, "accuracy": step / 10, "strict_accuracy": 0.1, "format_rate": 0.9,
+                         "truncation_rate": 0.0, "n": 2, "seconds": 1.5, "indices": [0, 3], "correct": [1, 0]})
+    assert [r["step"] for r in grpo.read_jsonl(tmp_path / "eval_steps.jsonl")] == [2, 4]
+    assert logged == [(step, {"eval/accuracy": step / 10, "eval/strict_accuracy": 0.1, "eval/format_rate": 0.9,
+                              "eval/truncation_rate": 0.0, "eval/seconds": 1.5}) for step in (2, 4)]
+    grpo.RunLogger(tmp_path, grpo.Config(report_to="none"), resume_step=3)
+    assert [r["step"] for r in grpo.read_jsonl(tmp_path / "eval_steps.jsonl")] == [2]
+
+
+# --------------------------------------------------------------------------------------------
 # Training in process
 # --------------------------------------------------------------------------------------------
 class RecordingLogger:
@@ -309,6 +367,21 @@ def test_train_with_grpo_updates_the_weights(monkeypatch, tokenizer):
 
     changed = max((model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
     assert changed > 1e-4  # far more than AdamW's weight decay alone (lr * 0.01 * |w| ~ 1e-6)
+
+
+def test_train_with_grpo_evaluates_every_eval_steps(tokenizer):
+    """With eval_examples: an evaluation after steps 2 and 4 (not 1 or 3), each on the same 3 of the 5
+    questions, and the model back in train mode with gradient checkpointing when training goes on."""
+    model = tiny.tiny_model(tokenizer)
+    cfg = grpo.Config(num_steps=4, batch_size=2, num_generations=2, max_completion_length=6, micro_batch_size=4,
+                      eval_steps=2, eval_subset_size=3, eval_batch_size=2, eval_max_new_tokens=6, report_to="none")
+    logger, seen = RecordingLogger(), []
+    logger.log_eval = lambda record: seen.append((record, model.training, model.is_activation_checkpointing))
+    grpo.train_with_grpo(model, tokenizer, train_examples(tokenizer), cfg, reward_funcs={"chars": char_length_reward},
+                         logger=logger, eval_examples=train_examples(tokenizer, 5))
+    assert [(record["step"], record["n"], record["indices"]) for record, _, _ in seen] == \
+        [(step, 3, grpo.eval_subset(5, 3)) for step in (2, 4)]
+    assert all(training and checkpointing for _, training, checkpointing in seen)
 
 
 def test_train_with_grpo_off_policy_without_reference(monkeypatch, tokenizer):
@@ -428,15 +501,41 @@ def check_run_record(run_dir: Path, paths: dict, steps: int, funcs: list[str], t
     assert state["step"] == steps
 
 
+def check_periodic_evaluations(run_dir: Path, steps: list[int], subset_size: int, n_eval: int, stdout: str):
+    """eval_steps.jsonl: one line per due step, each on the same subset_size questions of the eval split,
+    its rates in [0, 1]; the step, accuracy and seconds printed; the best and the last in the summary and
+    the final table."""
+    evaluations = read_jsonl(run_dir / "eval_steps.jsonl")
+    assert [e["step"] for e in evaluations] == steps
+    subset = evaluations[0]["indices"]
+    assert len(set(subset)) == subset_size < n_eval and all(0 <= i < n_eval for i in subset)
+    assert subset == grpo.eval_subset(n_eval, subset_size)
+    for e in evaluations:
+        assert set(e) == PERIODIC_KEYS and e["n"] == subset_size and e["indices"] == subset  # the same questions
+        assert all(0 <= e[key] <= 1 for key in SUMMARY_KEYS - {"n"})
+        assert len(e["correct"]) == subset_size and e["accuracy"] == pytest.approx(sum(e["correct"]) / subset_size)
+        assert e["seconds"] > 0
+        assert f"eval step {e['step']}: accuracy {e['accuracy']:.3f} (strict {e['strict_accuracy']:.3f}) " \
+               f"on {subset_size} questions, {e['seconds']:.1f} s" in stdout
+    summary = json.loads((run_dir / "summary.json").read_text())["eval_steps"]
+    best = max(evaluations, key=lambda e: e["accuracy"])
+    assert summary == {name: {key: e[key] for key in ("step", "accuracy", "strict_accuracy", "n")}
+                       for name, e in (("best", best), ("last", evaluations[-1]))}
+    assert f"best: step {best['step']} (n={subset_size})" in stdout and f"last: step {steps[-1]} (n={subset_size})" in stdout
+
+
 def test_script_run_writes_the_full_record_trl_rewards_and_offline_wandb(tmp_path, tokenizer):
-    """One subprocess: 3 steps, the TRL demo's five rewards, --report_to wandb with no login anywhere
-    (a fresh HOME, no WANDB_* variables, stdin closed): it must log offline and never prompt."""
+    """One subprocess: 4 steps, the TRL demo's five rewards, an evaluation of 5 of the 8 eval questions
+    every 2 steps, --report_to wandb with no login anywhere (a fresh HOME, no WANDB_* variables, stdin
+    closed): it must log offline and never prompt."""
     paths = tiny.write_run_inputs(tmp_path, tokenizer=tokenizer)
     out = tmp_path / "outputs"
-    args = tiny.run_args(paths, out, num_steps=3, reward_funcs=",".join(TRL_FUNCS), report_to="wandb")
+    args = tiny.run_args(paths, out, num_steps=4, reward_funcs=",".join(TRL_FUNCS), report_to="wandb", eval_steps=2,
+                         eval_subset_size=5)
     result = run_script(args, tmp_path / "home")
     run_dir = out / "tiny"
-    check_run_record(run_dir, paths, steps=3, funcs=TRL_FUNCS, tokenizer=tokenizer)
+    check_run_record(run_dir, paths, steps=4, funcs=TRL_FUNCS, tokenizer=tokenizer)
+    check_periodic_evaluations(run_dir, steps=[2, 4], subset_size=5, n_eval=8, stdout=result.stdout)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
     assert "wandb sync" in result.stdout + result.stderr  # it says how to upload later

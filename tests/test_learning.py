@@ -11,12 +11,15 @@ REWARD_FUNCS. Three phases, all in this file, all seeded:
 3. The same GRPO run from the same warm start with the rewards shuffled inside each group (negative
    control): same reward values, same group statistics, no link between a completion and its reward.
 
-Pass: after - before >= 0.25 and control_after <= before + 0.05. GRPO_LEARNING_SEED picks the seed.
+Pass: after - before >= 0.25 and control_after <= before + 0.05; and the trainer's periodic evaluation
+during phase 2 (every 10 steps, all held-out questions) ends at `after` and rises by >= 0.05 from its
+first point. GRPO_LEARNING_SEED picks the seed.
 Reproduce: GRPO_LEARNING_SEED=0 python -m pytest tests/test_learning.py -s -q
 GRPO_LEARNING_EXPORT=DIR also saves the warm start and the problems there, with the command that runs
 phase 2 through `python grpo_from_scratch.py` itself (that run drew the README's curves picture).
 """
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -48,15 +51,20 @@ CONFUSION = 0.8  # for the other facts, share of SFT examples that carry a wrong
 WRONG_OFFSET = 10  # the wrong sum is a + b + 10: far from the right one, so greedy picks one or the other
 SFT_LR, SFT_BATCH, SFT_STEPS = 2e-3, 32, 400  # cosine decay to zero; operand copying is fit by ~250
 MIN_FORMAT_RATE = 0.9
+PERIODIC_RISE = 0.05  # last periodic evaluation minus the first (step 10)
 
 # GRPO: the tutorial's recipe except what a tiny CPU model needs: 16 prompts x 8 completions, a 20-token
 # budget, beta 0 (no reference model to run), no gradient checkpointing, a learning rate of 1e-4
 # (20x the 1.5B recipe's 5e-6; measured over seeds, 5e-5 to 1e-4 learn as fast and far more steadily
 # than 2e-4 to 1e-3, where held-out accuracy rises and then swings by +-0.1 from step to step), and
-# 160 steps (about 75 s on 2 cores; at 60-100 steps the gain was below 0.25 for some seeds).
+# 160 steps (about 75 s on 2 cores; at 60-100 steps the gain was below 0.25 for some seeds). The
+# trainer's periodic evaluation runs every 10 steps on the whole held-out set, in one batch (most of
+# the gain comes in the first 20 steps, so the first point must come before that).
 GRPO_CONFIG = dict(num_steps=160, batch_size=16, num_generations=8, max_completion_length=MAX_NEW_TOKENS,
                    temperature=1.0, learning_rate=1e-4, beta=0.0, max_grad_norm=1.0, micro_batch_size=128,
-                   gradient_checkpointing=False, reward_funcs="correctness,format", report_to="none")
+                   gradient_checkpointing=False, reward_funcs="correctness,format", report_to="none",
+                   eval_steps=10, eval_subset_size=NUM_HELD_OUT, eval_batch_size=NUM_HELD_OUT,
+                   eval_max_new_tokens=MAX_NEW_TOKENS)
 
 
 def split_problems(seed: int) -> tuple[list[dict], list[dict]]:
@@ -163,20 +171,47 @@ def export_warm_start(folder: Path, model, tokenizer) -> None:
     model.save_pretrained(folder / "warm_start")
     tokenizer.save_pretrained(folder / "warm_start")
     flags = {**GRPO_CONFIG, "model_name_or_path": folder / "warm_start", "train_file": folder / "train.jsonl",
-             "eval_file": folder / "held_out.jsonl", "eval_max_new_tokens": MAX_NEW_TOKENS, "eval_batch_size": NUM_HELD_OUT,
-             "seed": SEED, "output_dir": folder / "outputs", "run_name": f"learning_seed{SEED}"}
+             "eval_file": folder / "held_out.jsonl", "seed": SEED, "output_dir": folder / "outputs",
+             "run_name": f"learning_seed{SEED}"}
     (folder / "command.txt").write_text("python grpo_from_scratch.py " + " ".join(f"--{k} {v}" for k, v in flags.items()) + "\n")
 
 
-def run_grpo(model, tokenizer, train: list[dict], held_out: list[dict], cfg: grpo.Config, reward_funcs=None) -> float:
+class PeriodicEvaluations:
+    """Stands in for RunLogger in train_with_grpo: keeps the periodic evaluations, drops the rest."""
+
+    def __init__(self):
+        self.records = []
+
+    def log_step(self, metrics):
+        pass
+
+    def log_completions(self, *args):
+        pass
+
+    def log_eval(self, record):
+        self.records.append(record)
+
+
+def run_grpo(model, tokenizer, train: list[dict], held_out: list[dict], cfg: grpo.Config,
+             reward_funcs=None) -> tuple[float, list[dict]]:
+    """GRPO from the given model; returns the held-out accuracy after it and the periodic evaluations
+    (every cfg.eval_steps steps, on the whole held-out set)."""
     grpo.seed_everything(cfg.seed)
-    grpo.train_with_grpo(model, tokenizer, train, cfg, run_dir=None, reward_funcs=reward_funcs)
-    return evaluate(model, tokenizer, held_out)["accuracy"]
+    periodic = PeriodicEvaluations()
+    grpo.train_with_grpo(model, tokenizer, train, cfg, run_dir=None, reward_funcs=reward_funcs, logger=periodic,
+                         eval_examples=held_out)
+    return evaluate(model, tokenizer, held_out)["accuracy"], periodic.records
 
 
-def quiet_tqdm(*args, **kwargs):
-    """The trainer's progress bars, switched off: the LEARNING line is this test's output."""
-    return tqdm(*args, **{**kwargs, "disable": True})
+class QuietTqdm(tqdm):
+    """The trainer's progress bars and lines, switched off: the LEARNING lines are this test's output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+    @classmethod
+    def write(cls, *args, **kwargs):
+        pass
 
 
 @pytest.fixture
@@ -190,7 +225,7 @@ def torch_threads():
 
 def test_grpo_learns_and_shuffled_rewards_do_not(torch_threads, monkeypatch, tmp_path):
     started = time.perf_counter()
-    monkeypatch.setattr(grpo, "tqdm", quiet_tqdm)
+    monkeypatch.setattr(grpo, "tqdm", QuietTqdm)
     grpo.seed_everything(SEED)
     tokenizer = tiny.build_tokenizer()
     folder = Path(os.environ.get("GRPO_LEARNING_EXPORT") or tmp_path)
@@ -205,16 +240,25 @@ def test_grpo_learns_and_shuffled_rewards_do_not(torch_threads, monkeypatch, tmp
         export_warm_start(folder, model, tokenizer)
 
     cfg = grpo.Config(seed=SEED, **GRPO_CONFIG)
-    after = run_grpo(model, tokenizer, train, held_out, cfg)
+    after, periodic = run_grpo(model, tokenizer, train, held_out, cfg)
     reward_funcs = {name: grpo.REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
-    control_after = run_grpo(warm_model, tokenizer, train, held_out, cfg,
-                             shuffled_within_groups(reward_funcs, cfg.num_generations, SEED))
+    control_after, _ = run_grpo(warm_model, tokenizer, train, held_out, dataclasses.replace(cfg, eval_steps=0),
+                                shuffled_within_groups(reward_funcs, cfg.num_generations, SEED))
 
     seconds = time.perf_counter() - started
     print(f"LEARNING before={before:.3f} after={after:.3f} control_after={control_after:.3f} "
           f"steps={cfg.num_steps} seconds={seconds:.0f}")
+    print("PERIODIC " + " ".join(f"{r['step']}:{r['accuracy']:.3f}" for r in periodic)
+          + f" ({sum(r['seconds'] for r in periodic):.1f} s in all)")
     assert 0.10 <= before <= 0.50 and warm["format_rate"] >= MIN_FORMAT_RATE, (
         f"warm start out of its window: accuracy {before:.3f} (want 0.10-0.50), format {warm['format_rate']:.3f}")
     assert after - before >= 0.25, f"GRPO raised held-out accuracy only from {before:.3f} to {after:.3f}"
     assert control_after <= before + 0.05, (f"shuffled rewards raised held-out accuracy from {before:.3f} to "
                                             f"{control_after:.3f}: the gain does not need the reward signal")
+    # The trainer's periodic evaluation follows the training: its last point is the evaluation after
+    # training (same weights, questions and batch), and it rises from its first point.
+    assert [r["step"] for r in periodic] == list(range(cfg.eval_steps, cfg.num_steps + 1, cfg.eval_steps))
+    assert periodic[-1]["accuracy"] == after, f"last periodic evaluation {periodic[-1]['accuracy']:.3f}, after {after:.3f}"
+    assert periodic[-1]["accuracy"] - periodic[0]["accuracy"] >= PERIODIC_RISE, (
+        f"periodic held-out accuracy went only from {periodic[0]['accuracy']:.3f} (step {periodic[0]['step']}) "
+        f"to {periodic[-1]['accuracy']:.3f}")

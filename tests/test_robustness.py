@@ -107,6 +107,8 @@ FLAG_REFUSALS = [
     ({"save_steps": 0}, "--save_steps"),
     ({"log_completions_steps": 0}, "--log_completions_steps"),
     ({"num_eval_examples": -1}, "--num_eval_examples"),
+    ({"eval_steps": -1}, "--eval_steps"),
+    ({"eval_subset_size": 0}, "--eval_subset_size"),
     ({"temperature": 0}, "--temperature"),
     ({"learning_rate": 0}, "--learning_rate"),
     ({"max_grad_norm": -1}, "--max_grad_norm"),
@@ -246,6 +248,15 @@ def test_resume_with_changed_flag_refused(finished_run, capsys, no_model_load):
     assert line.startswith("error: --resume: --learning_rate differ"), line  # that flag, and only it
     assert str(run_dir) in line
     assert folder_fingerprint(run_dir) == before
+
+
+def test_resume_may_change_eval_steps_not_the_subset(finished_run, capsys, no_model_load):
+    """--eval_steps only decides when the model is looked at; --eval_subset_size decides what is measured,
+    and the points before and after a resume must measure the same questions."""
+    argv, run_dir = finished_run
+    line = refusal([*argv, "--eval_subset_size", "3", "--resume"], capsys)
+    assert line.startswith("error: --resume: --eval_subset_size differ"), line
+    grpo.check_resume_compatible(grpo.parse_config([*argv, "--eval_steps", "7", "--resume"]), run_dir, 1)  # accepted
 
 
 def test_resume_without_a_run_refused(finished_run, inputs, tmp_path, capsys, no_model_load):
@@ -501,6 +512,34 @@ def test_resume_after_save_cut_off_mid_swap(inputs, tmp_path, monkeypatch, capsy
     assert grpo.load_checkpoint(run_dir / "checkpoint")["trainer_state"]["step"] == 3
 
 
+def test_resume_keeps_every_periodic_evaluation_once(inputs, tmp_path, monkeypatch):
+    """--eval_steps 3 with a checkpoint every 2 steps (not aligned), and a crash in the save of step 6:
+    after step 6's evaluation was logged, before its checkpoint. The resume starts from step 4, keeps
+    the evaluation of step 3 as written, drops that of step 6 and redoes it: one line per evaluation."""
+    real_save = grpo.save_checkpoint
+
+    def save_checkpoint(run_dir, model, optimizer, state, *args):
+        if state["step"] == 6:
+            raise Crash("save of step 6")
+        return real_save(run_dir, model, optimizer, state, *args)
+    monkeypatch.setattr(grpo, "save_checkpoint", save_checkpoint)
+    args = tiny.run_args(inputs, tmp_path, num_steps=6, save_steps=2, eval_steps=3, eval_subset_size=5)
+    with pytest.raises(Crash):
+        grpo.main(args)
+    monkeypatch.undo()
+    run_dir = tmp_path / "tiny"
+    crashed = grpo.read_jsonl(run_dir / "eval_steps.jsonl")
+    assert [r["step"] for r in crashed] == [3, 6]
+    assert grpo.load_checkpoint(grpo.find_checkpoint(run_dir))["trainer_state"]["step"] == 4
+    grpo.main(args + ["--resume"])
+    resumed = grpo.read_jsonl(run_dir / "eval_steps.jsonl")
+    assert [r["step"] for r in resumed] == [3, 6] and metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert resumed[0] == crashed[0]  # kept as written, seconds included
+    without_seconds = lambda record: {k: v for k, v in record.items() if k != "seconds"}  # noqa: E731
+    assert without_seconds(resumed[1]) == without_seconds(crashed[1])  # step 6 redone from the same weights
+    assert resumed[1]["seconds"] != crashed[1]["seconds"]  # and really redone
+
+
 # %% Kill and resume (real processes)
 def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
@@ -526,14 +565,17 @@ def test_kill_and_resume_matches_uninterrupted_run(signal_inputs, tmp_path):
     --resume: steps 1..6 logged once each, the before-evaluation reused, and final weights and every
     step's metrics bit-identical to an uninterrupted run of the same seed. Bit-equality is expected:
     the checkpoint holds exact fp32 weights, the AdamW state and every RNG state, the prompt order
-    depends only on (seed, step), and both processes run the same CPU kernels with the same thread count."""
-    def args(output_dir):
+    depends only on (seed, step), and both processes run the same CPU kernels with the same thread count.
+    The killed run also evaluates every 3 steps and the uninterrupted one never: periodic evaluation must
+    leave training bit-identical too, and be on record once per due step after the resume."""
+    def args(output_dir, **periodic):
         return tiny.run_args(signal_inputs, output_dir, num_steps=6, save_steps=2, seed=7, max_completion_length=24,
-                             num_generations=4, batch_size=2)
+                             num_generations=4, batch_size=2, **periodic)
     env = subprocess_env(tmp_path)
     logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("baseline", "killed")}
-    baseline, victim = (subprocess.Popen([sys.executable, str(SCRIPT), *args(tmp_path / name)], cwd=REPO, env=env,
-                                         stdout=logs[name], stderr=subprocess.STDOUT, text=True) for name in logs)
+    periodic = {"baseline": {"eval_steps": 0}, "killed": {"eval_steps": 3, "eval_subset_size": 5}}
+    baseline, victim = (subprocess.Popen([sys.executable, str(SCRIPT), *args(tmp_path / name, **periodic[name])], cwd=REPO,
+                                         env=env, stdout=logs[name], stderr=subprocess.STDOUT, text=True) for name in logs)
     run_dir = tmp_path / "killed" / "tiny"
     try:
         wait_for(lambda: (run_dir / "checkpoint" / "trainer_state.json").exists() and metric_lines(run_dir) >= 3,
@@ -554,12 +596,15 @@ def test_kill_and_resume_matches_uninterrupted_run(signal_inputs, tmp_path):
     eval_before = run_dir / "eval_before.jsonl"
     eval_before_stamp = (eval_before.stat().st_mtime_ns, eval_before.read_bytes())
 
-    resumed = subprocess.run([sys.executable, str(SCRIPT), *args(tmp_path / "killed"), "--resume"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([sys.executable, str(SCRIPT), *args(tmp_path / "killed", **periodic["killed"]), "--resume"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "eval before: reusing" in resumed.stdout
     assert (eval_before.stat().st_mtime_ns, eval_before.read_bytes()) == eval_before_stamp
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    evaluations = grpo.read_jsonl(run_dir / "eval_steps.jsonl")
+    assert [r["step"] for r in evaluations] == [3, 6] and all(r["n"] == 5 for r in evaluations)
+    assert not (tmp_path / "baseline" / "tiny" / "eval_steps.jsonl").exists()
 
     baseline_dir = tmp_path / "baseline" / "tiny"
     reference = grpo.read_jsonl(baseline_dir / "metrics.jsonl")
