@@ -1190,15 +1190,17 @@ def load_checkpoint(checkpoint: Path) -> dict:
 
 
 def capture_rng_state() -> dict:
+    """Every generator a step draws from: Python, NumPy, torch's CPU one and one per GPU (under plain
+    python each GPU samples its own rows of a rollout with its own generator)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.device_count() else None}
 
 
 def restore_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
+    if rng["cuda"] is not None and torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 

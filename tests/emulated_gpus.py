@@ -14,7 +14,9 @@ CUDA devices that are all the CPU, replacing only what needs CUDA:
 - the accelerator stream/device contexts in `parallel_apply`'s worker threads and
   `torch.cuda.device(i)`; entering emulated device i also selects device i's own random generator
   for `torch.multinomial` (sampling), since every CUDA device has one. As on CUDA, torch.manual_seed
-  gives every device the same seed and torch.cuda.manual_seed seeds the current device only.
+  gives every device the same seed and torch.cuda.manual_seed seeds the current device only;
+  `torch.cuda.get_rng_state_all` / `set_rng_state_all` (what a checkpoint saves and a resume
+  restores) read and set those generators.
 
 Everything else is torch's and transformers' own code: DataParallel.forward, scatter_kwargs,
 replicate, parallel_apply's threads, gather_map, the autograd graph through them, and generate().
@@ -142,6 +144,9 @@ def emulated_gpus(count: int, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "device", gpus.on_device)
     monkeypatch.setattr(torch.cuda, "manual_seed", gpus.manual_seed)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gpus.generator(i).get_state() for i in range(count)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda states: [gpus.generator(i).set_state(state) for i, state in enumerate(states)])
     monkeypatch.setattr(data_parallel, "_get_available_device_type", lambda: "cuda")
     monkeypatch.setattr(data_parallel, "_get_all_device_indices", lambda: list(range(count)))
     monkeypatch.setattr(data_parallel, "_check_balance", lambda device_ids: None)  # reads CUDA device properties

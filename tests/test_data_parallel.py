@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import transformers
 
 import grpo_from_scratch as grpo
 import tiny
@@ -197,12 +198,17 @@ def test_parallel_evaluation_records_match_one_device(model, tokenizer, monkeypa
 
 
 # %% The whole script on emulated GPUs
-def run_script(inputs, output_dir, monkeypatch, gpus_count: int | None, run_name: str) -> tuple[dict, dict]:
+def steady(records: list[dict]) -> list[dict]:
+    """Records without their timings, which differ from run to run."""
+    return [{k: v for k, v in r.items() if "time" not in k and k not in ("tokens_per_second", "seconds")} for r in records]
+
+
+def run_script(inputs, output_dir, monkeypatch, gpus_count: int | None, run_name: str, *extra: str) -> tuple[dict, dict]:
     """main() in this process (so the emulation applies): 2 steps of 2 prompts x 4 completions with
     micro_batch_size 1 and eval_batch_size 1, so every chunk has fewer rows than there are GPUs or
     ends uneven (8 rows over 3 GPUs: 3 + 3 + 2), and a periodic evaluation of 4 questions after each step."""
     args = tiny.run_args(inputs, output_dir, run_name=run_name, micro_batch_size=1, eval_batch_size=1, beta=0.04,
-                         max_completion_length=12, eval_steps=1, eval_subset_size=4)
+                         max_completion_length=12, eval_steps=1, eval_subset_size=4) + list(extra)
     if gpus_count is None:
         return grpo.main(args), {}
     with emulated_gpus(gpus_count, monkeypatch) as gpus:
@@ -238,11 +244,36 @@ def test_whole_script_on_three_emulated_gpus(inputs, tmp_path, monkeypatch):
     # Sampling on three GPUs is reproducible: each GPU's thread draws from its own generator.
     run_script(inputs, tmp_path, monkeypatch, 3, "three-gpus-again")
     again = grpo.read_jsonl(tmp_path / "three-gpus-again" / "metrics.jsonl")
-    timings = ("tokens_per_second", "seconds")
-    steady = lambda records: [{k: v for k, v in r.items() if "time" not in k and k not in timings} for r in records]  # noqa: E731
     assert steady(again) == steady(metrics)
     assert steady(grpo.read_jsonl(tmp_path / "three-gpus-again" / "eval_steps.jsonl")) == steady(periodic)
     assert json.loads((tmp_path / "three-gpus-again" / "summary.json").read_text())["after"] == summary["after"]
+
+
+def test_whole_script_resumes_on_three_emulated_gpus(inputs, tmp_path, monkeypatch):
+    """A 3-GPU run that crashes in the save of step 2 resumes from step 1's checkpoint and ends where an
+    uninterrupted 3-GPU run ends: each GPU samples its rows with its own generator, so every GPU's
+    state must be checkpointed and restored, not only the CPU's."""
+    run_script(inputs, tmp_path, monkeypatch, 3, "uninterrupted", "--num_steps", "3")
+    real_save = grpo.save_checkpoint
+
+    def save_checkpoint(run_dir, model, optimizer, state, *args):
+        if state["step"] == 2:
+            raise RuntimeError("crash in the save of step 2")
+        return real_save(run_dir, model, optimizer, state, *args)
+    monkeypatch.setattr(grpo, "save_checkpoint", save_checkpoint)
+    with pytest.raises(RuntimeError, match="crash in the save"):
+        run_script(inputs, tmp_path, monkeypatch, 3, "resumed", "--num_steps", "3")
+    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
+    resumed_dir, uninterrupted_dir = tmp_path / "resumed", tmp_path / "uninterrupted"
+    assert grpo.load_checkpoint(resumed_dir / "checkpoint")["rng"]["cuda"] is not None  # the GPUs' states were saved
+    summary, _ = run_script(inputs, tmp_path, monkeypatch, 3, "resumed", "--num_steps", "3", "--resume")
+    assert summary["steps"] == 3
+    for name in ("metrics.jsonl", "eval_steps.jsonl"):
+        assert steady(grpo.read_jsonl(resumed_dir / name)) == steady(grpo.read_jsonl(uninterrupted_dir / name)), name
+    assert summary["after"] == json.loads((uninterrupted_dir / "summary.json").read_text())["after"]
+    resumed = transformers.AutoModelForCausalLM.from_pretrained(resumed_dir / "model").state_dict()
+    uninterrupted = transformers.AutoModelForCausalLM.from_pretrained(uninterrupted_dir / "model").state_dict()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 # %% Branches that only run on CUDA, with recorders in place of the CUDA calls
@@ -338,7 +369,7 @@ def test_checkpoint_keeps_every_gpus_random_state(monkeypatch):
     restores them all."""
     states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
     restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new_states: restored.extend(new_states))
     saved = grpo.capture_rng_state()
