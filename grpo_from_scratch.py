@@ -145,6 +145,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     """Returns (rank, world_size, device) and joins the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
+        # Import torch.distributed.optim (ZeroRedundancyOptimizer) before joining the group: it imports
+        # torch.distributed.nn, whose functions default to `group=group.WORLD`, read at import. Imported
+        # after init_process_group, those defaults hold the group forever, destroy_process_group cannot
+        # free it, and its communication threads outlive Python at exit (a rank then dies with SIGABRT,
+        # "terminate called without an active exception", in about 1 of 12 gloo runs measured here).
+        import torch.distributed.optim  # noqa: F401
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -864,7 +870,7 @@ class ShardedMasterWeightAdamW:
     checkpoint holds one optimizer file per rank and resumes on the same number of ranks."""
 
     def __init__(self, params, lr: float):
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it compiles TorchScript (~2 s)
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported by setup_distributed (see there)
         self.zero = ZeroRedundancyOptimizer(params, optimizer_class=MasterWeightAdamW, lr=lr, sharded=True)
         self.local = self.zero.optim  # this rank's MasterWeightAdamW
 

@@ -29,12 +29,16 @@ from test_distributed import SCRIPT, TORCHRUN, subprocess_env
 REPO = Path(__file__).resolve().parents[1]
 
 SHARD_CHECK = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import torch, torch.distributed as dist
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     import grpo_from_scratch as grpo, tiny
 
+    def gloo_thread_names():  # the names of this process's threads (Linux)
+        return [open(f"/proc/self/task/{{task}}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+
     rank, world, device = grpo.setup_distributed()
+    assert any("gloo" in name for name in gloo_thread_names())  # the check below can fail
     tokenizer = tiny.build_tokenizer()
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own rows
     input_ids = torch.randint(3, len(tokenizer), (4, 10), generator=generator)
@@ -72,9 +76,11 @@ SHARD_CHECK = textwrap.dedent("""
                 "grad_norm": [a["grad_norm"], b["grad_norm"]], "checksum": grpo.parameter_checksum(sharded)}}
 
     result = {{"shares": shares(), "same_step": same_step()}}
+    dist.destroy_process_group()
+    # The group's threads must end with it: left running, they race Python's exit and can abort the rank.
+    result["gloo_threads_after_destroy"] = [name for name in gloo_thread_names() if "gloo" in name]
     with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
         json.dump(result, handle)
-    dist.destroy_process_group()
 """)
 
 
@@ -104,6 +110,7 @@ def test_sharded_state_is_each_ranks_share_and_steps_like_unsharded(ranks, tmp_p
         assert step["loss"][0] == pytest.approx(step["loss"][1], rel=1e-6)
         assert step["grad_norm"][0] == pytest.approx(step["grad_norm"][1], rel=1e-5)
     assert len({step["checksum"] for step in steps}) == 1  # the owners' broadcasts left every rank the same weights
+    assert all(r["gloo_threads_after_destroy"] == [] for r in results)  # ZeroRedundancyOptimizer left no group behind
 
 
 def kill_tree(pid: int) -> None:
