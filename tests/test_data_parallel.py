@@ -254,16 +254,9 @@ def test_whole_script_resumes_on_three_emulated_gpus(inputs, tmp_path, monkeypat
     uninterrupted 3-GPU run ends: each GPU samples its rows with its own generator, so every GPU's
     state must be checkpointed and restored, not only the CPU's."""
     run_script(inputs, tmp_path, monkeypatch, 3, "uninterrupted", "--num_steps", "3")
-    real_save = grpo.save_checkpoint
-
-    def save_checkpoint(run_dir, model, optimizer, state, *args):
-        if state["step"] == 2:
-            raise RuntimeError("crash in the save of step 2")
-        return real_save(run_dir, model, optimizer, state, *args)
-    monkeypatch.setattr(grpo, "save_checkpoint", save_checkpoint)
-    with pytest.raises(RuntimeError, match="crash in the save"):
+    with pytest.MonkeyPatch.context() as crash, pytest.raises(tiny.SaveCrash):
+        tiny.crash_at_save(crash, 2)
         run_script(inputs, tmp_path, monkeypatch, 3, "resumed", "--num_steps", "3")
-    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
     resumed_dir, uninterrupted_dir = tmp_path / "resumed", tmp_path / "uninterrupted"
     assert grpo.load_checkpoint(resumed_dir / "checkpoint")["rng"]["cuda"] is not None  # the GPUs' states were saved
     summary, _ = run_script(inputs, tmp_path, monkeypatch, 3, "resumed", "--num_steps", "3", "--resume")

@@ -516,15 +516,9 @@ def test_resume_keeps_every_periodic_evaluation_once(inputs, tmp_path, monkeypat
     """--eval_steps 3 with a checkpoint every 2 steps (not aligned), and a crash in the save of step 6:
     after step 6's evaluation was logged, before its checkpoint. The resume starts from step 4, keeps
     the evaluation of step 3 as written, drops that of step 6 and redoes it: one line per evaluation."""
-    real_save = grpo.save_checkpoint
-
-    def save_checkpoint(run_dir, model, optimizer, state, *args):
-        if state["step"] == 6:
-            raise Crash("save of step 6")
-        return real_save(run_dir, model, optimizer, state, *args)
-    monkeypatch.setattr(grpo, "save_checkpoint", save_checkpoint)
+    tiny.crash_at_save(monkeypatch, 6)
     args = tiny.run_args(inputs, tmp_path, num_steps=6, save_steps=2, eval_steps=3, eval_subset_size=5)
-    with pytest.raises(Crash):
+    with pytest.raises(tiny.SaveCrash):
         grpo.main(args)
     monkeypatch.undo()
     run_dir = tmp_path / "tiny"

@@ -106,3 +106,18 @@ def run_args(paths: dict, output_dir: Path, **overrides) -> list[str]:
     for key, value in flags.items():
         args += [f"--{key}", str(value)]
     return args
+
+
+class SaveCrash(Exception):
+    """Raised by crash_at_save: the run died while writing a checkpoint."""
+
+
+def crash_at_save(monkeypatch, step: int) -> None:
+    """Make grpo.save_checkpoint raise SaveCrash instead of writing the checkpoint of `step`."""
+    real_save = grpo.save_checkpoint
+
+    def save_checkpoint(run_dir, model, optimizer, state, *args):
+        if state["step"] == step:
+            raise SaveCrash(f"crash in the save of step {step}")
+        return real_save(run_dir, model, optimizer, state, *args)
+    monkeypatch.setattr(grpo, "save_checkpoint", save_checkpoint)
