@@ -1147,7 +1147,7 @@ def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, fun
 # step counters, every rank's RNG states and, when it is no longer the starting model, the
 # reference model. It is written to a temporary folder and renamed into place, so a kill during
 # a save leaves either the previous checkpoint or the new one, never a broken one.
-def save_checkpoint(run_dir: Path, model, optimizer: MasterWeightAdamW, state: dict, reference_model, cfg: Config) -> None:
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, reference_model, cfg: Config) -> None:
     final, temporary, previous = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -1156,12 +1156,10 @@ def save_checkpoint(run_dir: Path, model, optimizer: MasterWeightAdamW, state: d
     barrier()
     torch.save(capture_rng_state(), temporary / f"rng_rank{rank}.pt")
     sharded = isinstance(optimizer, ShardedMasterWeightAdamW)
-    if sharded:  # each rank holds the optimizer state of its own share of the parameters
+    if sharded or rank == 0:  # sharded: each rank holds the state of its own share of the parameters
         torch.save(optimizer.state_dict(), temporary / optimizer_file(rank, sharded))
     if rank == 0:
         model.save_pretrained(temporary / "model")
-        if not sharded:
-            torch.save(optimizer.state_dict(), temporary / optimizer_file(rank, sharded))
         if cfg.beta > 0 and state["reference_step"] > 0:
             reference_model.save_pretrained(temporary / "reference_model")
     barrier()
