@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
 
+# Help texts go through argparse's %-formatting: write "percent", never a bare percent sign.
 @dataclass
 class Config:
     # Model and data. Hub names are the defaults; local paths work offline.
@@ -46,7 +47,7 @@ class Config:
     num_eval_examples: int = field(default=0, metadata={"help": "Evaluate on the first N test questions; 0 = the whole test split (1,319)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Questions per greedy generate call, per GPU."})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "Token budget of an evaluation answer."})
-    eval_steps: int = field(default=50, metadata={"help": "Evaluate greedily on --eval_subset_size held-out questions every N steps (0 = off). 50: 10 points over the default 500 steps for an estimated 4-10% more time on one GPU (README: What periodic evaluation costs)."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate greedily on --eval_subset_size held-out questions every N steps (0 = off). 50: 10 points over the default 500 steps for an estimated 4-10 percent more time on one GPU (README: What periodic evaluation costs)."})
     eval_subset_size: int = field(default=256, metadata={"help": "Questions of the periodic evaluation: the same ones every time, drawn from the eval split by a fixed seed (not --seed); all of them if the split is smaller."})
     # The GRPO recipe. Defaults are the tutorial's, so results compare.
     num_iterations: int = field(default=1, metadata={"help": "Outer iterations; the reference model is refreshed from the policy at the start of each."})
@@ -430,9 +431,10 @@ class ParallelGenerator:
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """Generation runs in eval mode: gradient checkpointing is inactive there, so the KV cache works.
-    (In train mode with checkpointing, transformers 5 drops the cache yet still feeds generate one
-    token per step, so every token would be predicted without its context.)"""
+    """Generation runs in eval mode: dropout and gradient checkpointing are inactive there, so the KV
+    cache works on every transformers version. (In train mode with checkpointing, transformers 5.23
+    dropped the cache yet still fed generate one token per step, so every token was predicted without
+    its context; 5.24 keeps the cache. Measured: README, What differs from the tutorial.)"""
     was_training = model.training
     model.eval()
     try:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpo_from_scratch as grpo  # noqa: E402
 import tiny  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 QWEN_VOCAB = 151936
 # Qwen2.5-1.5B-Instruct's config.json, written out so nothing needs downloading.
@@ -58,7 +58,7 @@ def build_model(args, tokenizer, device):
         torch.manual_seed(0)
         config = Qwen2Config(**QWEN25_15B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation=args.attn)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
         return model.to(device)
     return tiny.tiny_model(tokenizer, hidden_size=128, layers=4).to(device)
 
@@ -67,7 +67,7 @@ def bench_rollout(model, tokenizer, prompts, max_new, device, repeats):
     """Tokens/s of the trainer's rollout path vs a no-cache baseline. The baseline is the same generate
     with use_cache=False, run on the model as it sits during training (train mode, checkpointing on),
     so every step re-runs the whole sequence. It is not the tutorial's rollout: on transformers 4.49 the
-    tutorial's train-mode generate kept the KV cache (on 5.x it drops it; see README)."""
+    tutorial's train-mode generate kept the KV cache (5.23 dropped it, 5.24 keeps it; see README)."""
     kwargs = grpo.decoding_kwargs(tokenizer, max_new, temperature=1.0)
     kwargs["min_new_tokens"] = max_new  # both paths generate exactly the same number of tokens
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)

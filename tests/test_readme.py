@@ -25,3 +25,16 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert command in ci_lines
     assert "pip install -r requirements.txt" in README and any("-r requirements.txt" in line for line in ci_lines)
+
+
+def test_help_lists_every_flag():
+    """`python grpo_from_scratch.py --help`, as README gives it: exits 0 and lists every Config field
+    (argparse %-formats help texts, so one stray percent sign used to crash it)."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "grpo_from_scratch.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for field in dataclasses.fields(grpo.Config):
+        assert f"--{field.name}" in result.stdout, f"--{field.name} missing from --help"
