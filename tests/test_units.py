@@ -395,6 +395,192 @@ def test_score_completions_columns_in_order():
     torch.testing.assert_close(table[:, 1], torch.tensor([0.8, 0.0, 0.4]))
 
 
+def test_soft_overlong_reward_values():
+    # L = 20, N = 4: no penalty up to 16 tokens, then -1/4 per token, -1 at the budget and beyond.
+    lengths = [0, 16, 17, 18, 20, 21]
+    values = grpo.soft_overlong_reward(["x"] * 6, ["7"] * 6, lengths, max_completion_length=20, overlong_buffer=4)
+    assert values == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    # N = 1: only a completion that uses the whole budget is punished.
+    assert grpo.soft_overlong_reward(["x"] * 3, ["7"] * 3, [18, 19, 20], 20, 1) == [0.0, 0.0, -1.0]
+
+
+def test_score_completions_passes_completion_lengths_only_to_functions_that_declare_them():
+    seen = {}
+
+    def lengths_as_reward(completions, answers, completion_lengths):
+        seen["lengths"] = completion_lengths
+        return [float(n) for n in completion_lengths]
+
+    funcs, _ = grpo.load_reward_funcs("correctness,soft_overlong", None, max_completion_length=20, overlong_buffer=4)
+    funcs["lengths_as_reward"] = lengths_as_reward  # correctness_reward takes no lengths: passing them would raise
+    table = grpo.score_completions(funcs, [GOOD, "7", "8"], ["7"] * 3, completion_lengths=[12, 18, 20])
+    torch.testing.assert_close(table, torch.tensor([[2.0, 0.0, 12.0], [0.0, -0.5, 18.0], [0.0, -1.0, 20.0]]))
+    assert seen["lengths"] == [12, 18, 20]
+    with pytest.raises(ValueError, match="reward function soft_overlong takes completion_lengths"):
+        grpo.score_completions(funcs, [GOOD], ["7"])
+
+
+REWARD_FILE = '''\
+from __future__ import annotations  # string annotations: the dataclass below needs its module in sys.modules
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Scale:
+    factor: float = 0.01
+
+
+def length_bonus(completions, answers):
+    return [Scale().factor * len(c) for c in completions]
+
+
+def lengths_seen(completions, answers, completion_lengths):
+    return np.asarray(completion_lengths, dtype=np.float32) / 10  # a numpy array is one number per completion
+
+
+def correctness(completions, answers):  # the name of a built-in
+    return [1.0] * len(completions)
+
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def reward_dir(tmp_path):
+    files = {"good.py": REWARD_FILE, "broken.py": "raise RuntimeError('boom\\nsecond line')\n", "syntax.py": "def f(:\n",
+             "exits.py": "import sys\nsys.exit(2)\n", "notes.txt": "def f(completions, answers):\n    return []\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_load_reward_funcs_from_a_file_named_and_weighted(reward_dir):
+    good = reward_dir / "good.py"
+    spec = f"correctness, {good}:length_bonus,soft_overlong,{good}:lengths_seen"
+    funcs, weights = grpo.load_reward_funcs(spec, "1, 0.5,-2,3", max_completion_length=20, overlong_buffer=4)
+    assert list(funcs) == ["correctness", "length_bonus", "soft_overlong", "lengths_seen"]
+    assert funcs["correctness"] is grpo.correctness_reward
+    assert funcs["length_bonus"].__module__ == funcs["lengths_seen"].__module__  # one import of the file
+    assert weights == [1.0, 0.5, -2.0, 3.0]
+    assert grpo.load_reward_funcs(spec, None, 20, 4)[1] == [1.0] * 4
+
+    completions, lengths = [GOOD, "7", "x" * 30], [10, 17, 20]
+    table = grpo.score_completions(funcs, completions, ["7"] * 3, completion_lengths=lengths)
+    by_hand = [[2.0, 0.01 * len(GOOD), 0.0, 1.0], [0.0, 0.01, -0.25, 1.7], [0.0, 0.3, -1.0, 2.0]]
+    torch.testing.assert_close(table, torch.tensor(by_hand))
+    weighted = [sum(w * v for w, v in zip(weights, row)) for row in by_hand]
+    torch.testing.assert_close(grpo.weighted_reward(table, weights), torch.tensor(weighted))
+    # weights of 1 give exactly the plain sum the loop takes today
+    assert torch.equal(grpo.weighted_reward(table, [1.0] * 4), table.sum(1))
+
+
+def test_load_reward_funcs_two_files_with_one_name(tmp_path):
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "rewards.py").write_text(f"def f_{folder}(completions, answers):\n    return [{value}] * len(completions)\n")
+    funcs, _ = grpo.load_reward_funcs(f"{tmp_path}/a/rewards.py:f_a,{tmp_path}/b/rewards.py:f_b", None, 20, 4)
+    assert grpo.score_completions(funcs, ["x"], ["7"]).tolist() == [[1.0, 2.0]]
+
+
+BUILTIN_CHOICES = "correctness, format, exact_match, integer, strict_format, soft_format, xml_count, soft_overlong"
+BAD_REWARD_SPECS = [  # (--reward_funcs, --reward_weights, message); {dir} is the folder of the files
+    ("correctnes", None, f"--reward_funcs: unknown reward 'correctnes'; choose from {BUILTIN_CHOICES}, or path/to/file.py:function_name"),
+    ("{dir}/good.py", None, f"--reward_funcs: unknown reward '{{dir}}/good.py'; choose from {BUILTIN_CHOICES}, or path/to/file.py:function_name"),
+    ("{dir}/missing.py:f", None, "--reward_funcs {dir}/missing.py: no such file"),
+    ("{dir}/broken.py:f", None, "--reward_funcs {dir}/broken.py: importing it raised RuntimeError: boom"),
+    ("{dir}/exits.py:f", None, "--reward_funcs {dir}/exits.py: importing it raised SystemExit: 2"),
+    ("{dir}/notes.txt:f", None, "--reward_funcs {dir}/notes.txt: not a Python file (the name must end in .py)"),
+    ("{dir}/good.py:nope", None, "--reward_funcs {dir}/good.py:nope: {dir}/good.py defines no 'nope'"),
+    ("{dir}/good.py:NOT_CALLABLE", None, "--reward_funcs {dir}/good.py:NOT_CALLABLE: 'NOT_CALLABLE' is a int, not a function"),
+    ("{dir}/good.py:", None, "--reward_funcs {dir}/good.py:: write path/to/file.py:function_name"),
+    (":length_bonus", None, "--reward_funcs :length_bonus: write path/to/file.py:function_name"),
+    ("correctness,format,correctness", None,
+     "--reward_funcs 'correctness,format,correctness': two functions named 'correctness' (each name is a rewards/ curve)"),
+    ("correctness,{dir}/good.py:correctness", None,
+     "--reward_funcs 'correctness,{dir}/good.py:correctness': two functions named 'correctness' (each name is a rewards/ curve)"),
+    ("correctness,,format", None, "--reward_funcs 'correctness,,format': empty entry"),
+    ("correctness,", None, "--reward_funcs 'correctness,': empty entry"),
+    ("", None, "--reward_funcs '': empty entry"),
+    ("correctness,format", "1", "--reward_weights '1': needs one weight per --reward_funcs entry (2), got 1"),
+    ("correctness,format", "1,2,3", "--reward_weights '1,2,3': needs one weight per --reward_funcs entry (2), got 3"),
+    ("correctness,format", "1,abc", "--reward_weights '1,abc': 'abc' is not a finite number"),
+    ("correctness,format", "1,", "--reward_weights '1,': '' is not a finite number"),
+    ("correctness,format", "nan,1", "--reward_weights 'nan,1': 'nan' is not a finite number"),
+    ("correctness,format", "1,-inf", "--reward_weights '1,-inf': '-inf' is not a finite number"),
+]
+
+
+@pytest.mark.parametrize("spec, weights, message", BAD_REWARD_SPECS)
+def test_load_reward_funcs_refuses_bad_input_in_one_line_naming_the_flag(reward_dir, spec, weights, message):
+    with pytest.raises(grpo.ConfigError) as refused:
+        grpo.load_reward_funcs(spec.format(dir=reward_dir), weights, max_completion_length=20, overlong_buffer=4)
+    assert str(refused.value) == message.format(dir=reward_dir)
+
+
+def test_load_reward_funcs_syntax_error_in_one_line(reward_dir):
+    with pytest.raises(grpo.ConfigError) as refused:
+        grpo.load_reward_funcs(f"{reward_dir}/syntax.py:f", None, 20, 4)
+    message = str(refused.value)
+    assert message.startswith(f"--reward_funcs {reward_dir}/syntax.py: importing it raised SyntaxError: ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("buffer", [0, -1, 20, 25])
+def test_soft_overlong_needs_a_buffer_inside_the_budget(buffer):
+    with pytest.raises(grpo.ConfigError) as refused:
+        grpo.load_reward_funcs("correctness,soft_overlong", None, max_completion_length=20, overlong_buffer=buffer)
+    assert str(refused.value) == ("--overlong_buffer must be >= 1 and < --max_completion_length (20) for the "
+                                  f"soft_overlong reward (got {buffer})")
+    grpo.load_reward_funcs("correctness", None, max_completion_length=20, overlong_buffer=buffer)  # unused: no check
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([1.0, 2.0, 3.0], "returned 3 values for 4 completions"),
+    ([1.0] * 5, "returned 5 values for 4 completions"),
+    (1.0, "returned a float, not a list of 4 numbers"),
+    ({"a": 1.0}, "returned a dict, not a list of 4 numbers"),
+    (None, "returned a NoneType, not a list of 4 numbers"),
+    ([1.0, "2", 3.0, 4.0], "value 1 is '2' (a str), not a real number"),
+    ([1.0, 2.0, None, 4.0], "value 2 is None (a NoneType), not a real number"),
+    ([True, 0.0, 0.0, 0.0], "value 0 is True (a bool), not a real number"),
+    ([1.0, 2.0, 3.0, 1j], "value 3 is 1j (a complex), not a real number"),
+    ([1.0, 2.0, 3.0, torch.tensor(4.0)], "value 3 is tensor(4.) (a Tensor), not a real number"),
+    (torch.ones(4, 1), "value 0 is [1.0] (a list), not a real number"),
+])
+def test_reward_function_returns_are_checked_at_every_call(returned, message):
+    def my_fn(completions, answers):
+        return returned
+    with pytest.raises(grpo.RewardFunctionError) as refused:
+        grpo.score_completions({"my_fn": my_fn}, ["a", "b", "c", "d"], ["7"] * 4)
+    assert str(refused.value) == f"reward function my_fn (--reward_funcs): {message}"
+    assert isinstance(refused.value, grpo.ConfigError)
+
+
+def test_reward_function_from_a_file_is_named_by_its_function_in_errors(tmp_path):
+    (tmp_path / "short.py").write_text("def three(completions, answers):\n    return [0.0] * 3\n")
+    funcs, _ = grpo.load_reward_funcs(f"format,{tmp_path}/short.py:three", None, 20, 4)
+    assert grpo.score_completions(funcs, ["a", "b", "c"], ["7"] * 3).shape == (3, 2)  # right length: fine
+    with pytest.raises(grpo.RewardFunctionError) as refused:
+        grpo.score_completions(funcs, ["a", "b", "c", "d"], ["7"] * 4)
+    assert str(refused.value) == "reward function three (--reward_funcs): returned 3 values for 4 completions"
+
+
+def test_reward_function_numbers_of_any_real_type_and_non_finite_values_pass():
+    import numpy as np
+    funcs = {"numpy": lambda c, a: np.array([1, 2, 3], dtype=np.int64),
+             "mixed": lambda c, a: [np.float32(0.5), 2, np.float64(-1.5)],
+             "tensor": lambda c, a: torch.tensor([0.25, 0.5, 0.75]),
+             "non_finite": lambda c, a: (float("nan"), math.inf, -math.inf)}
+    table = grpo.score_completions(funcs, ["a", "b", "c"], ["7"] * 3)
+    torch.testing.assert_close(table[:, :3], torch.tensor([[1.0, 0.5, 0.25], [2.0, 2.0, 0.5], [3.0, -1.5, 0.75]]))
+    assert math.isnan(table[0, 3]) and table[1, 3] == math.inf and table[2, 3] == -math.inf
+    assert math.isnan(grpo.weighted_reward(table, [1.0, 1.0, 1.0, 0.5])[0])  # the loop's non-finite rule takes it from here
+
+
 # --------------------------------------------------------------------------------------------
 # 6. GRPO pieces: advantages, log-probs, masks, loss
 # --------------------------------------------------------------------------------------------
