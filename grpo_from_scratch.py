@@ -872,13 +872,25 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids) -> torch
 
 
 # Group-relative advantages: the num_generations completions of one prompt are consecutive, and
-# each is scored against its own group's mean (and std, unbiased, when scaling). A group whose
-# completions all earned the same reward carries no signal: its advantages are exactly zero.
-def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: bool = True) -> torch.Tensor:
+# each is scored against its own group's mean, A = r - mean_group(r), then scale_rewards divides by
+#   "group": std_group(r) + 1e-4 (GRPO);  "batch": std(all rewards passed in) + 1e-4 (TRL's "batch":
+#   pass the whole step's rewards);  "none": nothing (Dr. GRPO). Stds are unbiased.
+# A group whose completions all earned the same reward carries no signal: its advantages are exactly zero.
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str | bool = "group") -> torch.Tensor:
+    """scale_rewards True / False are accepted for "group" / "none" (the earlier bool flag)."""
+    if isinstance(scale_rewards, bool):
+        scale_rewards = "group" if scale_rewards else "none"
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} or a bool (got {scale_rewards!r})")
     grouped = rewards.view(-1, num_generations)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_rewards:
+    if scale_rewards == "group":
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
     return advantages.view(-1)
 
 

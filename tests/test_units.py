@@ -610,6 +610,32 @@ def test_group_advantages_without_scaling_and_all_equal():
     assert torch.isfinite(flat).all() and torch.all(flat == 0)
 
 
+def test_scale_rewards_group_batch_none_by_hand():
+    import statistics
+    rewards = [1.0, 2.0, 6.0, 3.0, 3.0, 4.0]
+    groups = [rewards[:3], rewards[3:]]
+    centred = [r - statistics.fmean(g) for g in groups for r in g]
+    group_std = [statistics.stdev(g) for g in groups for _ in g]  # stdev: the unbiased (n - 1) one
+    by_hand = {"group": [c / (s + 1e-4) for c, s in zip(centred, group_std)],
+               "batch": [c / (statistics.stdev(rewards) + 1e-4) for c in centred],
+               "none": centred}
+    for mode, expected in by_hand.items():
+        advantages = grpo.compute_group_advantages(torch.tensor(rewards, dtype=torch.float64), 3, scale_rewards=mode)
+        torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert grpo.SCALE_REWARDS == ("group", "batch", "none")
+    assert by_hand["group"][0] != pytest.approx(by_hand["batch"][0])  # the three modes really differ here
+
+
+def test_scale_rewards_bool_aliases_and_unknown_names():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 4.0])
+    assert torch.equal(grpo.compute_group_advantages(rewards, 3, True), grpo.compute_group_advantages(rewards, 3, "group"))
+    assert torch.equal(grpo.compute_group_advantages(rewards, 3, False), grpo.compute_group_advantages(rewards, 3, "none"))
+    assert torch.equal(grpo.compute_group_advantages(rewards, 3), grpo.compute_group_advantages(rewards, 3, "group"))
+    for bad in ("Group", "std", "", None, 1):
+        with pytest.raises(ValueError, match="scale_rewards must be one of group, batch, none or a bool"):
+            grpo.compute_group_advantages(rewards, 3, bad)
+
+
 def _naive_log_probs(logits, index):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, index[..., None])[..., 0]
 
