@@ -89,7 +89,7 @@ class ConfigError(Exception):
     """Bad input: main prints it as one line and exits with status 2."""
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Flags that may differ between a run and its --resume without changing the result. eval_steps
 # only decides when the model is looked at (greedy evaluation draws no random numbers), so a
 # resumed run may look more or less often; eval_subset_size may not change: the points before and
@@ -894,14 +894,21 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_
     return advantages.view(-1)
 
 
-# The GRPO objective per completion token, with r = exp(log_probs - old_log_probs):
+# The GRPO objective per completion token, with r the ratio and A the advantage of its sequence:
 #     -( min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) - beta * KL )
-# KL is the k3 estimator exp(ref - lp) - (ref - lp) - 1: unbiased, always >= 0, zero when the
-# policy equals the reference. old_log_probs=None means on-policy (mu == 1): r is 1 in value but
-# still carries the gradient of log_probs, with no extra forward pass.
+# "token" level (GRPO): r_t = exp(lp_t - old_t). "sequence" level (GSPO, Zheng et al. 2025): one ratio
+# per sequence, r = exp(mean over its completion tokens of (lp_t - old_t)), clipped as a whole. KL stays
+# per token: the k3 estimator exp(ref - lp) - (ref - lp) - 1, unbiased, >= 0, zero when the policy equals
+# the reference. old_log_probs=None means on-policy (mu == 1): r is 1 in value but still carries the
+# gradient of log_probs, with no extra forward pass.
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
 def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_mask, *, epsilon: float, beta: float,
-              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None):
-    """Returns (loss, metrics); metrics are detached masked token means."""
+              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None,
+              importance_sampling_level: str = "token"):
+    """Returns (loss, metrics); metrics are detached masked token means (at the sequence level a
+    sequence's clip flag counts once per completion token, so long sequences weigh more)."""
     if ref_log_probs is None and beta != 0:
         raise ValueError("ref_log_probs is required when beta != 0")
     old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
@@ -909,17 +916,28 @@ def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_ma
     mask = completion_mask.to(log_probs.dtype)
     advantages = advantages[:, None]
 
-    ratio = torch.exp(log_probs - old_log_probs)
+    log_ratio = log_probs - old_log_probs  # [B, T]
+    if importance_sampling_level == "sequence":  # s = masked token mean, [B, 1]
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # [B, 1] broadcasts over tokens
     if beta != 0:
         log_ratio_to_ref = ref_log_probs - log_probs
         kl = torch.exp(log_ratio_to_ref) - log_ratio_to_ref - 1
         per_token_loss = per_token_loss + beta * kl
 
+    # grpo: mean over sequences of each one's token mean. bnpo and dapo: masked sum / token count.
+    # grpo_update weights each micro-batch by loss_denominator(part) / the step's total (over its
+    # micro-batches and, with DDP's gradient mean, its ranks), so here both are the token mean of the
+    # whole step, DAPO's token-level normalization: same value, same gradient. In TRL they differ: its
+    # bnpo divides each process's micro-batch by that batch's own tokens, its dapo by the global count
+    # num_items_in_batch. dr_grpo: masked sum / (sequences x max_completion_length).
     if loss_type == "grpo":
         loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
+    elif loss_type in ("bnpo", "dapo"):
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
@@ -928,7 +946,7 @@ def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_ma
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
-    def masked_mean(values):
+    def masked_mean(values):  # values [B, T] or [B, 1]: a mean over the completion tokens
         return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
 
     low_clipped = (ratio < 1 - epsilon) & (advantages < 0)
@@ -943,7 +961,7 @@ def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_ma
 def loss_denominator(completion_mask: torch.Tensor, loss_type: str) -> float:
     """What grpo_loss divides by for this batch, in units that add up over micro-batches, so a
     micro-batch's loss weighted by its share gives the gradient of the whole batch at once."""
-    return float(completion_mask.sum()) if loss_type == "bnpo" else float(completion_mask.shape[0])
+    return float(completion_mask.sum()) if loss_type in ("bnpo", "dapo") else float(completion_mask.shape[0])
 
 
 # %% 7. Training loop

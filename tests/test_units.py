@@ -847,7 +847,7 @@ def test_grpo_loss_requires_max_length_for_dr_grpo_and_a_known_type():
         grpo.grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, beta=0.0, loss_type="sum")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_grpo_loss_gradient_sign(loss_type):
     lp = torch.tensor([[-1.0, -2.0], [-1.5, -0.5]], dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
@@ -927,7 +927,7 @@ def test_epsilon_high_changes_only_the_upper_clip():
     assert g_sym[1, 0] == g_asym[1, 0] == 0         # the lower token stays clipped either way
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_on_policy_shortcut_equals_detached_old_log_probs(loss_type):
     lp0, _, ref, adv, mask = _loss_inputs(2)
     a, b = lp0.clone().requires_grad_(), lp0.clone().requires_grad_()
@@ -949,18 +949,142 @@ def test_reference_needed_only_with_beta():
         grpo.grpo_loss(lp, old, None, adv, mask, epsilon=0.2, beta=0.04)
 
 
+def _reference_gspo_loss(lp, old, ref, adv, mask, eps, eps_high, beta, loss_type, max_len):
+    """Sequence by sequence (GSPO): one ratio r = exp(mean log-ratio over the sequence's tokens), the
+    min/clip written out by the sign of A, the k3 KL per token, then each aggregation by hand."""
+    eps_high = eps if eps_high is None else eps_high
+    sums, counts = [], []
+    for i in range(lp.shape[0]):
+        tokens = [t for t in range(lp.shape[1]) if mask[i][t]]
+        r = torch.exp(sum(lp[i, t] - old[i, t] for t in tokens) / len(tokens))
+        a = float(adv[i])
+        surrogate = a * torch.clamp(r, max=1 + eps_high) if a >= 0 else a * torch.clamp(r, min=1 - eps)
+        total = 0.0
+        for t in tokens:
+            d = ref[i, t] - lp[i, t]
+            total = total - surrogate + beta * (torch.exp(d) - d - 1)
+        sums.append(total)
+        counts.append(len(tokens))
+    if loss_type == "grpo":
+        return sum(s / n for s, n in zip(sums, counts)) / len(sums)
+    if loss_type in ("bnpo", "dapo"):
+        return sum(sums) / sum(counts)
+    return sum(sums) / (len(sums) * max_len)
+
+
+def _gspo_inputs():
+    """Six sequences of uneven length whose sequence ratios are set exactly: high-clipped (A > 0),
+    low-clipped (A < 0), and four inside or on the unclipped side. Token log-ratios vary around
+    each sequence's mean; padding positions carry junk that must not count."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [6, 3, 5, 1, 4, 2]
+    mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).int()
+    seq_log_ratio = torch.tensor([0.4, -0.5, -0.3, 0.1, 0.05, 0.3], dtype=torch.float64)  # r = 1.49, 0.61, 0.74, ...
+    adv = torch.tensor([1.2, -0.8, 0.6, -1.1, 0.9, -0.4], dtype=torch.float64)
+    noise = (torch.rand(6, 6, generator=g, dtype=torch.float64) - 0.5) * mask
+    noise = noise - (noise.sum(1, keepdim=True) / mask.sum(1, keepdim=True)) * mask  # zero mean over each sequence
+    lp = -torch.rand(6, 6, generator=g, dtype=torch.float64) * 3
+    old = lp - seq_log_ratio[:, None] - noise + 7.0 * (1 - mask)  # junk at the padding
+    ref = lp + (torch.rand(6, 6, generator=g, dtype=torch.float64) - 0.5)
+    return lp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta, eps_high", [(0.04, None), (0.0, 0.28)])
+def test_gspo_loss_and_gradient_match_a_sequence_by_sequence_reference(loss_type, beta, eps_high):
+    lp, old, ref, adv, mask = _gspo_inputs()
+    kwargs = dict(epsilon=0.2, beta=beta, epsilon_high=eps_high, loss_type=loss_type, max_completion_length=8)
+    ours_lp, ref_lp = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    loss, metrics = grpo.grpo_loss(ours_lp, old, ref, adv, mask, importance_sampling_level="sequence", **kwargs)
+    expected = _reference_gspo_loss(ref_lp, old, ref, adv, mask.tolist(), 0.2, eps_high, beta, loss_type, 8)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (ours_grad,) = torch.autograd.grad(loss, ours_lp)
+    (expected_grad,) = torch.autograd.grad(expected, ref_lp)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-10, atol=1e-14)
+    assert torch.all(ours_grad[0] == 0) == (beta == 0)  # sequence 0 is clipped: only its KL term has a gradient
+    # The inputs exercise both clip sides; the metrics are token-weighted shares of clipped sequences.
+    high = 1 + (0.2 if eps_high is None else eps_high)
+    r = [math.exp(x) for x in (0.4, -0.5, -0.3, 0.1, 0.05, 0.3)]
+    lengths, a = [6, 3, 5, 1, 4, 2], adv.tolist()
+    low_by_hand = sum(n for n, ri, ai in zip(lengths, r, a) if ri < 0.8 and ai < 0) / sum(lengths)
+    high_by_hand = sum(n for n, ri, ai in zip(lengths, r, a) if ri > high and ai > 0) / sum(lengths)
+    assert low_by_hand == 3 / 21 and high_by_hand == 6 / 21
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(low_by_hand)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(high_by_hand)
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(low_by_hand + high_by_hand)
+    # and the sequence level is not the token level on these inputs
+    token_loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, **kwargs)
+    assert token_loss.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_gspo_on_policy_equals_token_level(loss_type):
+    lp, _, ref, adv, mask = _gspo_inputs()
+    kwargs = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    results = {}
+    for level in grpo.IMPORTANCE_SAMPLING_LEVELS:
+        leaf = lp.clone().requires_grad_()
+        loss, metrics = grpo.grpo_loss(leaf, None, ref, adv, mask, importance_sampling_level=level, **kwargs)
+        results[level] = (loss, torch.autograd.grad(loss, leaf)[0], metrics)
+    (token_loss, token_grad, token_metrics), (seq_loss, seq_grad, seq_metrics) = results["token"], results["sequence"]
+    assert seq_loss.item() == pytest.approx(token_loss.item(), rel=1e-12)
+    torch.testing.assert_close(seq_grad, token_grad, rtol=1e-12, atol=1e-15)
+    assert token_grad.abs().sum() > 0
+    assert all(seq_metrics[k].item() == token_metrics[k].item() for k in token_metrics)
+
+
+def test_grpo_loss_refuses_an_unknown_importance_sampling_level():
+    lp, old, ref, adv, mask = _loss_inputs()
+    assert grpo.IMPORTANCE_SAMPLING_LEVELS == ("token", "sequence")
+    with pytest.raises(ValueError, match="unknown importance_sampling_level 'seq'"):
+        grpo.grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, beta=0.04, importance_sampling_level="seq")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dapo_is_the_plain_token_mean_and_equals_bnpo(level):
+    lp, old, ref, adv, mask = _loss_inputs(4)
+    kwargs = dict(epsilon=0.2, beta=0.04, importance_sampling_level=level)
+    grads = {}
+    for loss_type in ("dapo", "bnpo"):
+        leaf = lp.clone().requires_grad_()
+        loss, _ = grpo.grpo_loss(leaf, old, ref, adv, mask, loss_type=loss_type, **kwargs)
+        grads[loss_type] = (loss, torch.autograd.grad(loss, leaf)[0])
+    assert grads["dapo"][0].item() == grads["bnpo"][0].item()
+    assert torch.equal(grads["dapo"][1], grads["bnpo"][1])
+    # Against the plain whole-batch mean of the per-token terms, token by token.
+    leaf = lp.clone().requires_grad_()
+    terms = []
+    for i in range(4):
+        if level == "sequence":
+            n = int(mask[i].sum())
+            r = torch.exp(sum(leaf[i, t] - old[i, t] for t in range(n)) / n)
+        for t in range(int(mask[i].sum())):  # the masks here are left-aligned runs of ones
+            if level == "token":
+                r = torch.exp(leaf[i, t] - old[i, t])
+            a = float(adv[i])
+            surrogate = a * torch.clamp(r, max=1.2) if a >= 0 else a * torch.clamp(r, min=0.8)
+            d = ref[i, t] - leaf[i, t]
+            terms.append(-surrogate + 0.04 * (torch.exp(d) - d - 1))
+    plain = sum(terms) / len(terms)
+    assert grads["dapo"][0].item() == pytest.approx(plain.item(), rel=1e-12)
+    torch.testing.assert_close(grads["dapo"][1], torch.autograd.grad(plain, leaf)[0], rtol=1e-10, atol=1e-14)
+
+
 def test_loss_denominator():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
     assert grpo.loss_denominator(mask, "bnpo") == 6.0
     assert grpo.loss_denominator(mask, "grpo") == 3.0
     assert grpo.loss_denominator(mask, "dr_grpo") == 3.0
+    assert grpo.loss_denominator(mask, "dapo") == 6.0
+    assert grpo.LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_micro_batches_weighted_by_loss_denominator_add_up_to_the_full_batch(loss_type):
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_micro_batches_weighted_by_loss_denominator_add_up_to_the_full_batch(loss_type, level):
     """What grpo_update relies on: sum over chunks of loss(chunk) * denom(chunk) / denom(all) == loss(all)."""
     lp, old, ref, adv, mask = _loss_inputs(3)
-    kwargs = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=6)
+    kwargs = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=6, importance_sampling_level=level)
     full = lp.clone().requires_grad_()
     full_loss, _ = grpo.grpo_loss(full, old, ref, adv, mask, **kwargs)
     full_loss.backward()
