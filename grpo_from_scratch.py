@@ -10,8 +10,11 @@
 
 # %% 1. Setup: imports, config, validation, seeding, device, dtype, attention
 import copy
+import importlib.util
+import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -23,7 +26,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +89,7 @@ class ConfigError(Exception):
     """Bad input: main prints it as one line and exits with status 2."""
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Flags that may differ between a run and its --resume without changing the result. eval_steps
 # only decides when the model is looked at (greedy evaluation draws no random numbers), so a
 # resumed run may look more or less often; eval_subset_size may not change: the points before and
@@ -549,9 +552,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 # %% 5. Reward functions
 # Each takes the decoded completions and the gold answers (one per completion) and returns one
 # float per completion. The default pair is the tutorial's: correctness (2.0 exact string, 1.5
-# same number) plus format (0.2 per tag that appears exactly once). The other five reproduce the
-# TRL GRPO demo, with DOTALL and optional trailing whitespace so they can actually fire on
-# multi-line answers that end at the stop token.
+# same number) plus format (0.2 per tag that appears exactly once). Five more reproduce the TRL
+# GRPO demo (with DOTALL and optional trailing whitespace, so they fire on multi-line answers that
+# end at the stop token); soft_overlong is DAPO's length penalty; user files can add their own.
 FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 
 
@@ -623,10 +626,139 @@ REWARD_FUNCS = {
 }
 
 
-def score_completions(reward_funcs: dict, completions: list[str], answers: list[str]) -> torch.Tensor:
-    """Rewards as a [completions, functions] float tensor, columns in the order of reward_funcs."""
-    columns = [torch.tensor(func(completions, answers), dtype=torch.float32) for func in reward_funcs.values()]
+# DAPO's soft overlong punishment (Yu et al. 2025). With L = max_completion_length, N = overlong_buffer:
+#     0 if length <= L - N,    (L - N - length) / N if L - N < length <= L,    -1 if length > L
+# a linear penalty over the last N tokens of the budget, -1 at the budget itself. It reads token counts,
+# not text; load_reward_funcs binds L and N (functools.partial).
+def soft_overlong_reward(completions: list[str], answers: list[str], completion_lengths: list[int],
+                         max_completion_length: int, overlong_buffer: int) -> list[float]:
+    start = max_completion_length - overlong_buffer
+    return [max(-1.0, min(0.0, (start - length) / overlong_buffer)) for length in completion_lengths]
+
+
+# --reward_funcs is a comma list of built-in names (REWARD_FUNCS and soft_overlong) and
+# `path/to/file.py:function_name` entries, each logged under its name; --reward_weights gives one
+# number per function (default 1 each) and the reward is their weighted sum. A function may declare a
+# `completion_lengths` parameter: it then also gets each completion's token count, stop token included.
+# Bad input is refused when loading, a bad return at every call, each as one line naming the flag.
+class RewardFunctionError(ConfigError):
+    """A reward function returned something other than one real number per completion."""
+
+
+def load_reward_funcs(spec: str, weights: str | None, max_completion_length: int,
+                      overlong_buffer: int) -> tuple[dict, list[float]]:
+    """({logged name: function}, [weight per function]) from --reward_funcs and --reward_weights."""
+    funcs, modules = {}, {}  # modules: each file imported once, however many of its functions are named
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            raise ConfigError(f"--reward_funcs {spec!r}: empty entry")
+        if ":" in entry:
+            name, func = _file_reward_func(entry, modules)
+        else:
+            name, func = entry, _builtin_reward_func(entry, max_completion_length, overlong_buffer)
+        if name in funcs:
+            raise ConfigError(f"--reward_funcs {spec!r}: two functions named {name!r} (each name is a rewards/ curve)")
+        funcs[name] = func
+    return funcs, parse_reward_weights(weights, len(funcs))
+
+
+def _builtin_reward_func(name: str, max_completion_length: int, overlong_buffer: int):
+    if name == "soft_overlong":
+        if not 1 <= overlong_buffer < max_completion_length:
+            raise ConfigError(f"--overlong_buffer must be >= 1 and < --max_completion_length ({max_completion_length}) "
+                              f"for the soft_overlong reward (got {overlong_buffer})")
+        return partial(soft_overlong_reward, max_completion_length=max_completion_length, overlong_buffer=overlong_buffer)
+    if name not in REWARD_FUNCS:
+        raise ConfigError(f"--reward_funcs: unknown reward {name!r}; choose from {', '.join(REWARD_FUNCS)}, "
+                          "soft_overlong, or path/to/file.py:function_name")
+    return REWARD_FUNCS[name]
+
+
+def _file_reward_func(entry: str, modules: dict):
+    path_text, _, func_name = entry.rpartition(":")
+    if not path_text or not func_name:
+        raise ConfigError(f"--reward_funcs {entry}: write path/to/file.py:function_name")
+    path = Path(path_text).expanduser().resolve()
+    if path not in modules:
+        modules[path] = _import_reward_file(path, path_text)
+    if not hasattr(modules[path], func_name):
+        raise ConfigError(f"--reward_funcs {entry}: {path_text} defines no {func_name!r}")
+    func = getattr(modules[path], func_name)
+    if not callable(func):
+        raise ConfigError(f"--reward_funcs {entry}: {func_name!r} is a {type(func).__name__}, not a function")
+    return func_name, func
+
+
+def _import_reward_file(path: Path, path_text: str):
+    if not path.is_file():
+        raise ConfigError(f"--reward_funcs {path_text}: no such file")
+    module_name = f"reward_file_{secrets.token_hex(8)}"  # unique: two files named rewards.py never collide
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None:
+        raise ConfigError(f"--reward_funcs {path_text}: not a Python file (the name must end in .py)")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # as an import does: dataclasses and pickle look the module up there
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as error:  # SystemExit: a script that parses its own arguments on import
+        del sys.modules[module_name]
+        message = (str(error).splitlines() or [""])[0]
+        raise ConfigError(f"--reward_funcs {path_text}: importing it raised {type(error).__name__}: {message}") from error
+    return module
+
+
+def parse_reward_weights(weights: str | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0] * count
+    entries = [entry.strip() for entry in weights.split(",")]
+    if len(entries) != count:
+        raise ConfigError(f"--reward_weights {weights!r}: needs one weight per --reward_funcs entry ({count}), got {len(entries)}")
+    values = []
+    for entry in entries:
+        try:
+            values.append(float(entry))
+        except ValueError:
+            values.append(math.nan)
+        if not math.isfinite(values[-1]):
+            raise ConfigError(f"--reward_weights {weights!r}: {entry!r} is not a finite number")
+    return values
+
+
+def score_completions(reward_funcs: dict, completions: list[str], answers: list[str],
+                      completion_lengths: list[int] | None = None) -> torch.Tensor:
+    """Rewards as a [completions, functions] float tensor, columns in the order of reward_funcs.
+    completion_lengths go to the functions that declare a parameter of that name, and only to them."""
+    columns = []
+    for name, func in reward_funcs.items():
+        extra = {}
+        if "completion_lengths" in inspect.signature(func).parameters:
+            if completion_lengths is None:
+                raise ValueError(f"reward function {name} takes completion_lengths: pass them to score_completions")
+            extra = {"completion_lengths": completion_lengths}
+        columns.append(checked_rewards(name, func(completions, answers, **extra), len(completions)))
     return torch.stack(columns, dim=1)
+
+
+def checked_rewards(name: str, values, count: int) -> torch.Tensor:
+    """values as float32, once they are `count` real numbers (a list, tuple, or 1-d array/tensor).
+    NaN and inf pass: the loop skips a step whose loss is not finite. A bool is refused: True/False
+    says whether, not how much, and a reward function returning one has most likely forgotten its scale."""
+    where = f"reward function {name} (--reward_funcs)"
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        values = values.tolist()  # Python numbers; a 0-d array gives a scalar, refused below
+    if not isinstance(values, (list, tuple)):
+        raise RewardFunctionError(f"{where}: returned a {type(values).__name__}, not a list of {count} numbers")
+    if len(values) != count:
+        raise RewardFunctionError(f"{where}: returned {len(values)} values for {count} completions")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy ints and floats are Real
+            raise RewardFunctionError(f"{where}: value {i} is {value!r:.40} (a {type(value).__name__}), not a real number")
+    return torch.tensor([float(value) for value in values], dtype=torch.float32)
+
+
+def weighted_reward(rewards_per_func: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Per completion, sum over functions of weight x reward (with weights of 1, bit for bit .sum(1))."""
+    return (rewards_per_func * torch.tensor(weights, dtype=rewards_per_func.dtype, device=rewards_per_func.device)).sum(1)
 
 
 # %% 6. GRPO from scratch: log-probs, masks, advantages, loss
@@ -740,24 +872,43 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids) -> torch
 
 
 # Group-relative advantages: the num_generations completions of one prompt are consecutive, and
-# each is scored against its own group's mean (and std, unbiased, when scaling). A group whose
-# completions all earned the same reward carries no signal: its advantages are exactly zero.
-def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: bool = True) -> torch.Tensor:
+# each is scored against its own group's mean, A = r - mean_group(r), then scale_rewards divides by
+#   "group": std_group(r) + 1e-4 (GRPO);  "batch": std(all rewards passed in) + 1e-4 (TRL's "batch":
+#   pass the whole step's rewards);  "none": nothing (Dr. GRPO). Stds are unbiased.
+# A group whose completions all earned the same reward carries no signal: its advantages are exactly zero.
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str | bool = "group") -> torch.Tensor:
+    """scale_rewards True / False are accepted for "group" / "none" (the earlier bool flag)."""
+    if isinstance(scale_rewards, bool):
+        scale_rewards = "group" if scale_rewards else "none"
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} or a bool (got {scale_rewards!r})")
     grouped = rewards.view(-1, num_generations)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_rewards:
+    if scale_rewards == "group":
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
     return advantages.view(-1)
 
 
-# The GRPO objective per completion token, with r = exp(log_probs - old_log_probs):
+# The GRPO objective per completion token, with r the ratio and A the advantage of its sequence:
 #     -( min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) - beta * KL )
-# KL is the k3 estimator exp(ref - lp) - (ref - lp) - 1: unbiased, always >= 0, zero when the
-# policy equals the reference. old_log_probs=None means on-policy (mu == 1): r is 1 in value but
-# still carries the gradient of log_probs, with no extra forward pass.
+# "token" level (GRPO): r_t = exp(lp_t - old_t). "sequence" level (GSPO, Zheng et al. 2025): one ratio
+# per sequence, r = exp(mean over its completion tokens of (lp_t - old_t)), clipped as a whole. KL stays
+# per token: the k3 estimator exp(ref - lp) - (ref - lp) - 1, unbiased, >= 0, zero when the policy equals
+# the reference. old_log_probs=None means on-policy (mu == 1): r is 1 in value but still carries the
+# gradient of log_probs, with no extra forward pass.
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
 def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_mask, *, epsilon: float, beta: float,
-              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None):
-    """Returns (loss, metrics); metrics are detached masked token means."""
+              epsilon_high: float | None = None, loss_type: str = "grpo", max_completion_length: int | None = None,
+              importance_sampling_level: str = "token"):
+    """Returns (loss, metrics); metrics are detached masked token means (at the sequence level a
+    sequence's clip flag counts once per completion token, so long sequences weigh more)."""
     if ref_log_probs is None and beta != 0:
         raise ValueError("ref_log_probs is required when beta != 0")
     old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
@@ -765,17 +916,28 @@ def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_ma
     mask = completion_mask.to(log_probs.dtype)
     advantages = advantages[:, None]
 
-    ratio = torch.exp(log_probs - old_log_probs)
+    log_ratio = log_probs - old_log_probs  # [B, T]
+    if importance_sampling_level == "sequence":  # s = masked token mean, [B, 1]
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # [B, 1] broadcasts over tokens
     if beta != 0:
         log_ratio_to_ref = ref_log_probs - log_probs
         kl = torch.exp(log_ratio_to_ref) - log_ratio_to_ref - 1
         per_token_loss = per_token_loss + beta * kl
 
+    # grpo: mean over sequences of each one's token mean. bnpo and dapo: masked sum / token count.
+    # grpo_update weights each micro-batch by loss_denominator(part) / the step's total (over its
+    # micro-batches and, with DDP's gradient mean, its ranks), so here both are the token mean of the
+    # whole step, DAPO's token-level normalization: same value, same gradient. In TRL they differ: its
+    # bnpo divides each process's micro-batch by that batch's own tokens, its dapo by the global count
+    # num_items_in_batch. dr_grpo: masked sum / (sequences x max_completion_length).
     if loss_type == "grpo":
         loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
+    elif loss_type in ("bnpo", "dapo"):
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
@@ -784,7 +946,7 @@ def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_ma
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
-    def masked_mean(values):
+    def masked_mean(values):  # values [B, T] or [B, 1]: a mean over the completion tokens
         return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
 
     low_clipped = (ratio < 1 - epsilon) & (advantages < 0)
@@ -799,7 +961,7 @@ def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, completion_ma
 def loss_denominator(completion_mask: torch.Tensor, loss_type: str) -> float:
     """What grpo_loss divides by for this batch, in units that add up over micro-batches, so a
     micro-batch's loss weighted by its share gives the gradient of the whole batch at once."""
-    return float(completion_mask.sum()) if loss_type == "bnpo" else float(completion_mask.shape[0])
+    return float(completion_mask.sum()) if loss_type in ("bnpo", "dapo") else float(completion_mask.shape[0])
 
 
 # %% 7. Training loop

@@ -192,7 +192,7 @@ def test_torchrun_gathers_across_ranks(tmp_path):
     assert all(r["gathered"] == [0, 10, 1, 11] for r in ranks)
     assert [r["agreed"] for r in ranks] == ["computed on rank 0"] * 2
     assert [r["refusal"] for r in ranks] == ["refused on rank 0"] * 2
-    assert all(r["ddp_matches_one_batch"] == {"grpo": True, "bnpo": True, "dr_grpo": True} for r in ranks)
+    assert all(r["ddp_matches_one_batch"] == {"grpo": True, "bnpo": True, "dr_grpo": True, "dapo": True} for r in ranks)
 
 
 def test_torchrun_refusal_reaches_every_rank(two_rank_run, inputs):

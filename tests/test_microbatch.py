@@ -59,17 +59,18 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     assert any(not torch.equal(p, q) for p, q in zip(chunked.parameters(), base.parameters()))
 
 
-def test_micro_batch_weights_matter_for_bnpo():
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_micro_batch_weights_matter_for_token_means(loss_type):
     """Guard against a test that cannot fail: averaging micro-batch losses with equal weights
-    gives a different bnpo gradient when completion lengths are ragged."""
+    gives a different bnpo (or dapo) gradient when completion lengths are ragged."""
     tokenizer = tiny.build_tokenizer()
     model = tiny.tiny_model(tokenizer)
     input_ids, attention_mask, completion_mask, keep, advantages = rollout_batch(tokenizer, model)
     log_probs = grpo.compute_log_probs(model, input_ids, attention_mask, keep)
-    whole, _ = grpo.grpo_loss(log_probs, None, None, advantages, completion_mask, epsilon=0.1, beta=0.0, loss_type="bnpo")
+    whole, _ = grpo.grpo_loss(log_probs, None, None, advantages, completion_mask, epsilon=0.1, beta=0.0, loss_type=loss_type)
     parts = [grpo.grpo_loss(log_probs[s], None, None, advantages[s], completion_mask[s], epsilon=0.1, beta=0.0,
-                            loss_type="bnpo")[0] for s in (slice(0, 5), slice(5, 10), slice(10, 12))]
-    weights = [grpo.loss_denominator(completion_mask[s], "bnpo") / grpo.loss_denominator(completion_mask, "bnpo")
+                            loss_type=loss_type)[0] for s in (slice(0, 5), slice(5, 10), slice(10, 12))]
+    weights = [grpo.loss_denominator(completion_mask[s], loss_type) / grpo.loss_denominator(completion_mask, loss_type)
                for s in (slice(0, 5), slice(5, 10), slice(10, 12))]
     assert sum(w * p for w, p in zip(weights, parts)).item() == pytest.approx(whole.item(), rel=1e-5)
     assert sum(parts).item() / 3 != pytest.approx(whole.item(), rel=1e-3)

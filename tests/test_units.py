@@ -395,6 +395,192 @@ def test_score_completions_columns_in_order():
     torch.testing.assert_close(table[:, 1], torch.tensor([0.8, 0.0, 0.4]))
 
 
+def test_soft_overlong_reward_values():
+    # L = 20, N = 4: no penalty up to 16 tokens, then -1/4 per token, -1 at the budget and beyond.
+    lengths = [0, 16, 17, 18, 20, 21]
+    values = grpo.soft_overlong_reward(["x"] * 6, ["7"] * 6, lengths, max_completion_length=20, overlong_buffer=4)
+    assert values == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    # N = 1: only a completion that uses the whole budget is punished.
+    assert grpo.soft_overlong_reward(["x"] * 3, ["7"] * 3, [18, 19, 20], 20, 1) == [0.0, 0.0, -1.0]
+
+
+def test_score_completions_passes_completion_lengths_only_to_functions_that_declare_them():
+    seen = {}
+
+    def lengths_as_reward(completions, answers, completion_lengths):
+        seen["lengths"] = completion_lengths
+        return [float(n) for n in completion_lengths]
+
+    funcs, _ = grpo.load_reward_funcs("correctness,soft_overlong", None, max_completion_length=20, overlong_buffer=4)
+    funcs["lengths_as_reward"] = lengths_as_reward  # correctness_reward takes no lengths: passing them would raise
+    table = grpo.score_completions(funcs, [GOOD, "7", "8"], ["7"] * 3, completion_lengths=[12, 18, 20])
+    torch.testing.assert_close(table, torch.tensor([[2.0, 0.0, 12.0], [0.0, -0.5, 18.0], [0.0, -1.0, 20.0]]))
+    assert seen["lengths"] == [12, 18, 20]
+    with pytest.raises(ValueError, match="reward function soft_overlong takes completion_lengths"):
+        grpo.score_completions(funcs, [GOOD], ["7"])
+
+
+REWARD_FILE = '''\
+from __future__ import annotations  # string annotations: the dataclass below needs its module in sys.modules
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Scale:
+    factor: float = 0.01
+
+
+def length_bonus(completions, answers):
+    return [Scale().factor * len(c) for c in completions]
+
+
+def lengths_seen(completions, answers, completion_lengths):
+    return np.asarray(completion_lengths, dtype=np.float32) / 10  # a numpy array is one number per completion
+
+
+def correctness(completions, answers):  # the name of a built-in
+    return [1.0] * len(completions)
+
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def reward_dir(tmp_path):
+    files = {"good.py": REWARD_FILE, "broken.py": "raise RuntimeError('boom\\nsecond line')\n", "syntax.py": "def f(:\n",
+             "exits.py": "import sys\nsys.exit(2)\n", "notes.txt": "def f(completions, answers):\n    return []\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_load_reward_funcs_from_a_file_named_and_weighted(reward_dir):
+    good = reward_dir / "good.py"
+    spec = f"correctness, {good}:length_bonus,soft_overlong,{good}:lengths_seen"
+    funcs, weights = grpo.load_reward_funcs(spec, "1, 0.5,-2,3", max_completion_length=20, overlong_buffer=4)
+    assert list(funcs) == ["correctness", "length_bonus", "soft_overlong", "lengths_seen"]
+    assert funcs["correctness"] is grpo.correctness_reward
+    assert funcs["length_bonus"].__module__ == funcs["lengths_seen"].__module__  # one import of the file
+    assert weights == [1.0, 0.5, -2.0, 3.0]
+    assert grpo.load_reward_funcs(spec, None, 20, 4)[1] == [1.0] * 4
+
+    completions, lengths = [GOOD, "7", "x" * 30], [10, 17, 20]
+    table = grpo.score_completions(funcs, completions, ["7"] * 3, completion_lengths=lengths)
+    by_hand = [[2.0, 0.01 * len(GOOD), 0.0, 1.0], [0.0, 0.01, -0.25, 1.7], [0.0, 0.3, -1.0, 2.0]]
+    torch.testing.assert_close(table, torch.tensor(by_hand))
+    weighted = [sum(w * v for w, v in zip(weights, row)) for row in by_hand]
+    torch.testing.assert_close(grpo.weighted_reward(table, weights), torch.tensor(weighted))
+    # weights of 1 give exactly the plain sum the loop takes today
+    assert torch.equal(grpo.weighted_reward(table, [1.0] * 4), table.sum(1))
+
+
+def test_load_reward_funcs_two_files_with_one_name(tmp_path):
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "rewards.py").write_text(f"def f_{folder}(completions, answers):\n    return [{value}] * len(completions)\n")
+    funcs, _ = grpo.load_reward_funcs(f"{tmp_path}/a/rewards.py:f_a,{tmp_path}/b/rewards.py:f_b", None, 20, 4)
+    assert grpo.score_completions(funcs, ["x"], ["7"]).tolist() == [[1.0, 2.0]]
+
+
+BUILTIN_CHOICES = "correctness, format, exact_match, integer, strict_format, soft_format, xml_count, soft_overlong"
+BAD_REWARD_SPECS = [  # (--reward_funcs, --reward_weights, message); {dir} is the folder of the files
+    ("correctnes", None, f"--reward_funcs: unknown reward 'correctnes'; choose from {BUILTIN_CHOICES}, or path/to/file.py:function_name"),
+    ("{dir}/good.py", None, f"--reward_funcs: unknown reward '{{dir}}/good.py'; choose from {BUILTIN_CHOICES}, or path/to/file.py:function_name"),
+    ("{dir}/missing.py:f", None, "--reward_funcs {dir}/missing.py: no such file"),
+    ("{dir}/broken.py:f", None, "--reward_funcs {dir}/broken.py: importing it raised RuntimeError: boom"),
+    ("{dir}/exits.py:f", None, "--reward_funcs {dir}/exits.py: importing it raised SystemExit: 2"),
+    ("{dir}/notes.txt:f", None, "--reward_funcs {dir}/notes.txt: not a Python file (the name must end in .py)"),
+    ("{dir}/good.py:nope", None, "--reward_funcs {dir}/good.py:nope: {dir}/good.py defines no 'nope'"),
+    ("{dir}/good.py:NOT_CALLABLE", None, "--reward_funcs {dir}/good.py:NOT_CALLABLE: 'NOT_CALLABLE' is a int, not a function"),
+    ("{dir}/good.py:", None, "--reward_funcs {dir}/good.py:: write path/to/file.py:function_name"),
+    (":length_bonus", None, "--reward_funcs :length_bonus: write path/to/file.py:function_name"),
+    ("correctness,format,correctness", None,
+     "--reward_funcs 'correctness,format,correctness': two functions named 'correctness' (each name is a rewards/ curve)"),
+    ("correctness,{dir}/good.py:correctness", None,
+     "--reward_funcs 'correctness,{dir}/good.py:correctness': two functions named 'correctness' (each name is a rewards/ curve)"),
+    ("correctness,,format", None, "--reward_funcs 'correctness,,format': empty entry"),
+    ("correctness,", None, "--reward_funcs 'correctness,': empty entry"),
+    ("", None, "--reward_funcs '': empty entry"),
+    ("correctness,format", "1", "--reward_weights '1': needs one weight per --reward_funcs entry (2), got 1"),
+    ("correctness,format", "1,2,3", "--reward_weights '1,2,3': needs one weight per --reward_funcs entry (2), got 3"),
+    ("correctness,format", "1,abc", "--reward_weights '1,abc': 'abc' is not a finite number"),
+    ("correctness,format", "1,", "--reward_weights '1,': '' is not a finite number"),
+    ("correctness,format", "nan,1", "--reward_weights 'nan,1': 'nan' is not a finite number"),
+    ("correctness,format", "1,-inf", "--reward_weights '1,-inf': '-inf' is not a finite number"),
+]
+
+
+@pytest.mark.parametrize("spec, weights, message", BAD_REWARD_SPECS)
+def test_load_reward_funcs_refuses_bad_input_in_one_line_naming_the_flag(reward_dir, spec, weights, message):
+    with pytest.raises(grpo.ConfigError) as refused:
+        grpo.load_reward_funcs(spec.format(dir=reward_dir), weights, max_completion_length=20, overlong_buffer=4)
+    assert str(refused.value) == message.format(dir=reward_dir)
+
+
+def test_load_reward_funcs_syntax_error_in_one_line(reward_dir):
+    with pytest.raises(grpo.ConfigError) as refused:
+        grpo.load_reward_funcs(f"{reward_dir}/syntax.py:f", None, 20, 4)
+    message = str(refused.value)
+    assert message.startswith(f"--reward_funcs {reward_dir}/syntax.py: importing it raised SyntaxError: ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("buffer", [0, -1, 20, 25])
+def test_soft_overlong_needs_a_buffer_inside_the_budget(buffer):
+    with pytest.raises(grpo.ConfigError) as refused:
+        grpo.load_reward_funcs("correctness,soft_overlong", None, max_completion_length=20, overlong_buffer=buffer)
+    assert str(refused.value) == ("--overlong_buffer must be >= 1 and < --max_completion_length (20) for the "
+                                  f"soft_overlong reward (got {buffer})")
+    grpo.load_reward_funcs("correctness", None, max_completion_length=20, overlong_buffer=buffer)  # unused: no check
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([1.0, 2.0, 3.0], "returned 3 values for 4 completions"),
+    ([1.0] * 5, "returned 5 values for 4 completions"),
+    (1.0, "returned a float, not a list of 4 numbers"),
+    ({"a": 1.0}, "returned a dict, not a list of 4 numbers"),
+    (None, "returned a NoneType, not a list of 4 numbers"),
+    ([1.0, "2", 3.0, 4.0], "value 1 is '2' (a str), not a real number"),
+    ([1.0, 2.0, None, 4.0], "value 2 is None (a NoneType), not a real number"),
+    ([True, 0.0, 0.0, 0.0], "value 0 is True (a bool), not a real number"),
+    ([1.0, 2.0, 3.0, 1j], "value 3 is 1j (a complex), not a real number"),
+    ([1.0, 2.0, 3.0, torch.tensor(4.0)], "value 3 is tensor(4.) (a Tensor), not a real number"),
+    (torch.ones(4, 1), "value 0 is [1.0] (a list), not a real number"),
+])
+def test_reward_function_returns_are_checked_at_every_call(returned, message):
+    def my_fn(completions, answers):
+        return returned
+    with pytest.raises(grpo.RewardFunctionError) as refused:
+        grpo.score_completions({"my_fn": my_fn}, ["a", "b", "c", "d"], ["7"] * 4)
+    assert str(refused.value) == f"reward function my_fn (--reward_funcs): {message}"
+    assert isinstance(refused.value, grpo.ConfigError)
+
+
+def test_reward_function_from_a_file_is_named_by_its_function_in_errors(tmp_path):
+    (tmp_path / "short.py").write_text("def three(completions, answers):\n    return [0.0] * 3\n")
+    funcs, _ = grpo.load_reward_funcs(f"format,{tmp_path}/short.py:three", None, 20, 4)
+    assert grpo.score_completions(funcs, ["a", "b", "c"], ["7"] * 3).shape == (3, 2)  # right length: fine
+    with pytest.raises(grpo.RewardFunctionError) as refused:
+        grpo.score_completions(funcs, ["a", "b", "c", "d"], ["7"] * 4)
+    assert str(refused.value) == "reward function three (--reward_funcs): returned 3 values for 4 completions"
+
+
+def test_reward_function_numbers_of_any_real_type_and_non_finite_values_pass():
+    import numpy as np
+    funcs = {"numpy": lambda c, a: np.array([1, 2, 3], dtype=np.int64),
+             "mixed": lambda c, a: [np.float32(0.5), 2, np.float64(-1.5)],
+             "tensor": lambda c, a: torch.tensor([0.25, 0.5, 0.75]),
+             "non_finite": lambda c, a: (float("nan"), math.inf, -math.inf)}
+    table = grpo.score_completions(funcs, ["a", "b", "c"], ["7"] * 3)
+    torch.testing.assert_close(table[:, :3], torch.tensor([[1.0, 0.5, 0.25], [2.0, 2.0, 0.5], [3.0, -1.5, 0.75]]))
+    assert math.isnan(table[0, 3]) and table[1, 3] == math.inf and table[2, 3] == -math.inf
+    assert math.isnan(grpo.weighted_reward(table, [1.0, 1.0, 1.0, 0.5])[0])  # the loop's non-finite rule takes it from here
+
+
 # --------------------------------------------------------------------------------------------
 # 6. GRPO pieces: advantages, log-probs, masks, loss
 # --------------------------------------------------------------------------------------------
@@ -422,6 +608,32 @@ def test_group_advantages_without_scaling_and_all_equal():
                                torch.tensor([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0]))
     flat = grpo.compute_group_advantages(torch.full((8,), 0.8), 4)
     assert torch.isfinite(flat).all() and torch.all(flat == 0)
+
+
+def test_scale_rewards_group_batch_none_by_hand():
+    import statistics
+    rewards = [1.0, 2.0, 6.0, 3.0, 3.0, 4.0]
+    groups = [rewards[:3], rewards[3:]]
+    centred = [r - statistics.fmean(g) for g in groups for r in g]
+    group_std = [statistics.stdev(g) for g in groups for _ in g]  # stdev: the unbiased (n - 1) one
+    by_hand = {"group": [c / (s + 1e-4) for c, s in zip(centred, group_std)],
+               "batch": [c / (statistics.stdev(rewards) + 1e-4) for c in centred],
+               "none": centred}
+    for mode, expected in by_hand.items():
+        advantages = grpo.compute_group_advantages(torch.tensor(rewards, dtype=torch.float64), 3, scale_rewards=mode)
+        torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert grpo.SCALE_REWARDS == ("group", "batch", "none")
+    assert by_hand["group"][0] != pytest.approx(by_hand["batch"][0])  # the three modes really differ here
+
+
+def test_scale_rewards_bool_aliases_and_unknown_names():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 3.0, 3.0, 4.0])
+    assert torch.equal(grpo.compute_group_advantages(rewards, 3, True), grpo.compute_group_advantages(rewards, 3, "group"))
+    assert torch.equal(grpo.compute_group_advantages(rewards, 3, False), grpo.compute_group_advantages(rewards, 3, "none"))
+    assert torch.equal(grpo.compute_group_advantages(rewards, 3), grpo.compute_group_advantages(rewards, 3, "group"))
+    for bad in ("Group", "std", "", None, 1):
+        with pytest.raises(ValueError, match="scale_rewards must be one of group, batch, none or a bool"):
+            grpo.compute_group_advantages(rewards, 3, bad)
 
 
 def _naive_log_probs(logits, index):
@@ -635,7 +847,7 @@ def test_grpo_loss_requires_max_length_for_dr_grpo_and_a_known_type():
         grpo.grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, beta=0.0, loss_type="sum")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_grpo_loss_gradient_sign(loss_type):
     lp = torch.tensor([[-1.0, -2.0], [-1.5, -0.5]], dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
@@ -715,7 +927,7 @@ def test_epsilon_high_changes_only_the_upper_clip():
     assert g_sym[1, 0] == g_asym[1, 0] == 0         # the lower token stays clipped either way
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
 def test_on_policy_shortcut_equals_detached_old_log_probs(loss_type):
     lp0, _, ref, adv, mask = _loss_inputs(2)
     a, b = lp0.clone().requires_grad_(), lp0.clone().requires_grad_()
@@ -737,18 +949,142 @@ def test_reference_needed_only_with_beta():
         grpo.grpo_loss(lp, old, None, adv, mask, epsilon=0.2, beta=0.04)
 
 
+def _reference_gspo_loss(lp, old, ref, adv, mask, eps, eps_high, beta, loss_type, max_len):
+    """Sequence by sequence (GSPO): one ratio r = exp(mean log-ratio over the sequence's tokens), the
+    min/clip written out by the sign of A, the k3 KL per token, then each aggregation by hand."""
+    eps_high = eps if eps_high is None else eps_high
+    sums, counts = [], []
+    for i in range(lp.shape[0]):
+        tokens = [t for t in range(lp.shape[1]) if mask[i][t]]
+        r = torch.exp(sum(lp[i, t] - old[i, t] for t in tokens) / len(tokens))
+        a = float(adv[i])
+        surrogate = a * torch.clamp(r, max=1 + eps_high) if a >= 0 else a * torch.clamp(r, min=1 - eps)
+        total = 0.0
+        for t in tokens:
+            d = ref[i, t] - lp[i, t]
+            total = total - surrogate + beta * (torch.exp(d) - d - 1)
+        sums.append(total)
+        counts.append(len(tokens))
+    if loss_type == "grpo":
+        return sum(s / n for s, n in zip(sums, counts)) / len(sums)
+    if loss_type in ("bnpo", "dapo"):
+        return sum(sums) / sum(counts)
+    return sum(sums) / (len(sums) * max_len)
+
+
+def _gspo_inputs():
+    """Six sequences of uneven length whose sequence ratios are set exactly: high-clipped (A > 0),
+    low-clipped (A < 0), and four inside or on the unclipped side. Token log-ratios vary around
+    each sequence's mean; padding positions carry junk that must not count."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [6, 3, 5, 1, 4, 2]
+    mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).int()
+    seq_log_ratio = torch.tensor([0.4, -0.5, -0.3, 0.1, 0.05, 0.3], dtype=torch.float64)  # r = 1.49, 0.61, 0.74, ...
+    adv = torch.tensor([1.2, -0.8, 0.6, -1.1, 0.9, -0.4], dtype=torch.float64)
+    noise = (torch.rand(6, 6, generator=g, dtype=torch.float64) - 0.5) * mask
+    noise = noise - (noise.sum(1, keepdim=True) / mask.sum(1, keepdim=True)) * mask  # zero mean over each sequence
+    lp = -torch.rand(6, 6, generator=g, dtype=torch.float64) * 3
+    old = lp - seq_log_ratio[:, None] - noise + 7.0 * (1 - mask)  # junk at the padding
+    ref = lp + (torch.rand(6, 6, generator=g, dtype=torch.float64) - 0.5)
+    return lp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta, eps_high", [(0.04, None), (0.0, 0.28)])
+def test_gspo_loss_and_gradient_match_a_sequence_by_sequence_reference(loss_type, beta, eps_high):
+    lp, old, ref, adv, mask = _gspo_inputs()
+    kwargs = dict(epsilon=0.2, beta=beta, epsilon_high=eps_high, loss_type=loss_type, max_completion_length=8)
+    ours_lp, ref_lp = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    loss, metrics = grpo.grpo_loss(ours_lp, old, ref, adv, mask, importance_sampling_level="sequence", **kwargs)
+    expected = _reference_gspo_loss(ref_lp, old, ref, adv, mask.tolist(), 0.2, eps_high, beta, loss_type, 8)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (ours_grad,) = torch.autograd.grad(loss, ours_lp)
+    (expected_grad,) = torch.autograd.grad(expected, ref_lp)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-10, atol=1e-14)
+    assert torch.all(ours_grad[0] == 0) == (beta == 0)  # sequence 0 is clipped: only its KL term has a gradient
+    # The inputs exercise both clip sides; the metrics are token-weighted shares of clipped sequences.
+    high = 1 + (0.2 if eps_high is None else eps_high)
+    r = [math.exp(x) for x in (0.4, -0.5, -0.3, 0.1, 0.05, 0.3)]
+    lengths, a = [6, 3, 5, 1, 4, 2], adv.tolist()
+    low_by_hand = sum(n for n, ri, ai in zip(lengths, r, a) if ri < 0.8 and ai < 0) / sum(lengths)
+    high_by_hand = sum(n for n, ri, ai in zip(lengths, r, a) if ri > high and ai > 0) / sum(lengths)
+    assert low_by_hand == 3 / 21 and high_by_hand == 6 / 21
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(low_by_hand)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(high_by_hand)
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(low_by_hand + high_by_hand)
+    # and the sequence level is not the token level on these inputs
+    token_loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, **kwargs)
+    assert token_loss.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_gspo_on_policy_equals_token_level(loss_type):
+    lp, _, ref, adv, mask = _gspo_inputs()
+    kwargs = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    results = {}
+    for level in grpo.IMPORTANCE_SAMPLING_LEVELS:
+        leaf = lp.clone().requires_grad_()
+        loss, metrics = grpo.grpo_loss(leaf, None, ref, adv, mask, importance_sampling_level=level, **kwargs)
+        results[level] = (loss, torch.autograd.grad(loss, leaf)[0], metrics)
+    (token_loss, token_grad, token_metrics), (seq_loss, seq_grad, seq_metrics) = results["token"], results["sequence"]
+    assert seq_loss.item() == pytest.approx(token_loss.item(), rel=1e-12)
+    torch.testing.assert_close(seq_grad, token_grad, rtol=1e-12, atol=1e-15)
+    assert token_grad.abs().sum() > 0
+    assert all(seq_metrics[k].item() == token_metrics[k].item() for k in token_metrics)
+
+
+def test_grpo_loss_refuses_an_unknown_importance_sampling_level():
+    lp, old, ref, adv, mask = _loss_inputs()
+    assert grpo.IMPORTANCE_SAMPLING_LEVELS == ("token", "sequence")
+    with pytest.raises(ValueError, match="unknown importance_sampling_level 'seq'"):
+        grpo.grpo_loss(lp, old, ref, adv, mask, epsilon=0.2, beta=0.04, importance_sampling_level="seq")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dapo_is_the_plain_token_mean_and_equals_bnpo(level):
+    lp, old, ref, adv, mask = _loss_inputs(4)
+    kwargs = dict(epsilon=0.2, beta=0.04, importance_sampling_level=level)
+    grads = {}
+    for loss_type in ("dapo", "bnpo"):
+        leaf = lp.clone().requires_grad_()
+        loss, _ = grpo.grpo_loss(leaf, old, ref, adv, mask, loss_type=loss_type, **kwargs)
+        grads[loss_type] = (loss, torch.autograd.grad(loss, leaf)[0])
+    assert grads["dapo"][0].item() == grads["bnpo"][0].item()
+    assert torch.equal(grads["dapo"][1], grads["bnpo"][1])
+    # Against the plain whole-batch mean of the per-token terms, token by token.
+    leaf = lp.clone().requires_grad_()
+    terms = []
+    for i in range(4):
+        if level == "sequence":
+            n = int(mask[i].sum())
+            r = torch.exp(sum(leaf[i, t] - old[i, t] for t in range(n)) / n)
+        for t in range(int(mask[i].sum())):  # the masks here are left-aligned runs of ones
+            if level == "token":
+                r = torch.exp(leaf[i, t] - old[i, t])
+            a = float(adv[i])
+            surrogate = a * torch.clamp(r, max=1.2) if a >= 0 else a * torch.clamp(r, min=0.8)
+            d = ref[i, t] - leaf[i, t]
+            terms.append(-surrogate + 0.04 * (torch.exp(d) - d - 1))
+    plain = sum(terms) / len(terms)
+    assert grads["dapo"][0].item() == pytest.approx(plain.item(), rel=1e-12)
+    torch.testing.assert_close(grads["dapo"][1], torch.autograd.grad(plain, leaf)[0], rtol=1e-10, atol=1e-14)
+
+
 def test_loss_denominator():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
     assert grpo.loss_denominator(mask, "bnpo") == 6.0
     assert grpo.loss_denominator(mask, "grpo") == 3.0
     assert grpo.loss_denominator(mask, "dr_grpo") == 3.0
+    assert grpo.loss_denominator(mask, "dapo") == 6.0
+    assert grpo.LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_micro_batches_weighted_by_loss_denominator_add_up_to_the_full_batch(loss_type):
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_SAMPLING_LEVELS)
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_micro_batches_weighted_by_loss_denominator_add_up_to_the_full_batch(loss_type, level):
     """What grpo_update relies on: sum over chunks of loss(chunk) * denom(chunk) / denom(all) == loss(all)."""
     lp, old, ref, adv, mask = _loss_inputs(3)
-    kwargs = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=6)
+    kwargs = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=6, importance_sampling_level=level)
     full = lp.clone().requires_grad_()
     full_loss, _ = grpo.grpo_loss(full, old, ref, adv, mask, **kwargs)
     full_loss.backward()
