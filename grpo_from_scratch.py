@@ -3,9 +3,12 @@
 #
 # One linear file: prompt format, GSM8K, answer extraction, rewards, a hand-written GRPO loss
 # with clipping and a KL penalty, a data-parallel training loop, and greedy evaluation on the
-# GSM8K test split before and after training. Run it with `python grpo_from_scratch.py` (all
-# visible GPUs in one process: nn.DataParallel for log-probs and the loss, a model copy per GPU for
-# generation) or `torchrun --nproc_per_node N grpo_from_scratch.py` (DistributedDataParallel).
+# GSM8K test split before and after training. `python grpo_from_scratch.py` trains on every
+# visible GPU with one process per GPU (DistributedDataParallel, optimizer state sharded), started
+# by torch's own launcher; `torchrun --nproc_per_node N grpo_from_scratch.py` runs the same path.
+# Why processes, not threads: decoding a 1.5B model is bound by per-token framework overhead, and
+# threads share one GIL; measured, two model copies driven by two threads decoded slower than one
+# copy alone (PyTorch, too, recommends DDP over nn.DataParallel even on one machine).
 # Every flag is a field of `Config` below; `--help` lists them.
 
 # %% 1. Setup: imports, config, validation, seeding, device, dtype, attention
@@ -48,14 +51,14 @@ class Config:
     train_file: str | None = field(default=None, metadata={"help": "Local jsonl with 'question' and 'answer' (GSM8K format, '#### <number>'), replacing the hub train split."})
     eval_file: str | None = field(default=None, metadata={"help": "Local jsonl like --train_file, replacing the hub test split."})
     num_eval_examples: int = field(default=0, metadata={"help": "Evaluate on the first N test questions; 0 = the whole test split (1,319)."})
-    eval_batch_size: int = field(default=64, metadata={"help": "Questions per greedy generate call, per GPU."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Questions per greedy generate call, per process (each process evaluates its share of the questions)."})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "Token budget of an evaluation answer."})
     eval_steps: int = field(default=50, metadata={"help": "Evaluate greedily on --eval_subset_size held-out questions every N steps (0 = off). 50: 10 points over the default 500 steps for an estimated 4-10 percent more time on one GPU (README: What periodic evaluation costs)."})
     eval_subset_size: int = field(default=256, metadata={"help": "Questions of the periodic evaluation: the same ones every time, drawn from the eval split by a fixed seed (not --seed); all of them if the split is smaller."})
     # The GRPO recipe. Defaults are the tutorial's, so results compare.
     num_iterations: int = field(default=1, metadata={"help": "Outer iterations; the reference model is refreshed from the policy at the start of each."})
     num_steps: int = field(default=500, metadata={"help": "Rollout batches per iteration."})
-    batch_size: int = field(default=7, metadata={"help": "Prompts per step, per process (under torchrun each rank takes this many)."})
+    batch_size: int = field(default=7, metadata={"help": "Prompts per step in total, over all processes: the step's work does not depend on the GPU count."})
     num_generations: int = field(default=12, metadata={"help": "Completions sampled per prompt (the GRPO group size)."})
     max_completion_length: int = field(default=400, metadata={"help": "Token budget of a training completion."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts; training logits are divided by it too."})
@@ -69,11 +72,12 @@ class Config:
     scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (False: Dr. GRPO's r - mean)."})
     reward_funcs: str = field(default="correctness,format", metadata={"help": "Comma list from REWARD_FUNCS; the TRL demo set is exact_match,integer,strict_format,soft_format,xml_count."})
     # Memory and speed.
-    micro_batch_size: int = field(default=12, metadata={"help": "Sequences per forward/backward chunk, per GPU; gradients accumulate over chunks."})
+    micro_batch_size: int = field(default=12, metadata={"help": "Sequences per forward/backward chunk, per process; gradients accumulate over chunks."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the loss pass (never during generation)."})
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 if flash-attn imports on CUDA, else sdpa), flash_attention_2, sdpa or eager."})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPUs that support it, else float32), bfloat16 or float32. float16 is refused: Qwen2.5 overflows in it."})
-    shard_optimizer: bool = field(default=True, metadata={"help": "Under torchrun, each rank keeps the fp32 master weights and AdamW state of 1/N of the parameters (ZeRO-1); no effect without torchrun."})
+    shard_optimizer: bool = field(default=True, metadata={"help": "With N processes, each keeps the fp32 master weights and AdamW state of 1/N of the parameters (ZeRO-1); no effect with one."})
+    num_processes: int | None = field(default=None, metadata={"help": "Data-parallel processes, one per GPU; unset = every visible GPU (1 on a CPU). Above 1, plain python starts them with torch's launcher (gloo on a CPU). Ignored under torchrun."})
     # Run bookkeeping.
     seed: int = field(default=42, metadata={"help": "Seed of python, numpy and torch, and of the prompt order."})
     output_dir: str = field(default="outputs", metadata={"help": "Parent folder of run folders."})
@@ -94,8 +98,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # only decides when the model is looked at (greedy evaluation draws no random numbers), so a
 # resumed run may look more or less often; eval_subset_size may not change: the points before and
 # after the resume would measure different questions on one curve.
+# num_processes is checked as the run's world size instead (the same count, however it was given).
 RESUME_MAY_CHANGE = {"resume", "run_name", "output_dir", "report_to", "wandb_project", "save_steps", "log_completions_steps",
-                     "eval_batch_size", "eval_steps"}
+                     "eval_batch_size", "eval_steps", "num_processes"}
 
 
 def validate_config(cfg: Config) -> None:
@@ -124,6 +129,13 @@ def validate_config(cfg: Config) -> None:
         (cfg.report_to in ("wandb", "none"), f"--report_to must be wandb or none (got {cfg.report_to!r})"),
         (cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
          f"--run_name must be a plain folder name (got {cfg.run_name!r})"),
+        (cfg.num_processes is None or cfg.num_processes >= 1, f"--num_processes must be >= 1 (got {cfg.num_processes})"),
+        (cfg.num_processes is None or "WORLD_SIZE" in os.environ or not torch.cuda.is_available()
+         or cfg.num_processes <= torch.cuda.device_count(),
+         f"--num_processes {cfg.num_processes}: only {torch.cuda.device_count()} GPU(s) visible; one process per GPU"),
+        (launch_world_size(cfg) <= cfg.batch_size * cfg.num_generations,
+         f"--num_processes {launch_world_size(cfg)}: more processes than the step's {cfg.batch_size * cfg.num_generations} "
+         f"completions (--batch_size x --num_generations); every process needs at least one"),
     ]
     for ok, message in checks:
         if not ok:
@@ -141,10 +153,17 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: not a model folder (no config.json) and not a hub id like Qwen/Qwen2.5-1.5B-Instruct")
 
 
-# Distributed mode comes from the environment, as in nanoGPT: torchrun sets RANK, WORLD_SIZE and
-# LOCAL_RANK. Under torchrun each process drives one device; otherwise one process drives all
-# visible GPUs: nn.DataParallel for log-probs and the loss, a ParallelGenerator for generate()
-# (on a CPU or one GPU there is nothing to wrap).
+# Distributed mode comes from the environment, as in nanoGPT: torch's launcher (torchrun, or the
+# one `python grpo_from_scratch.py` starts, see section 8) sets RANK, WORLD_SIZE and LOCAL_RANK, and
+# each process drives one device: cuda:LOCAL_RANK, or the CPU with gloo. Without them, one process.
+def launch_world_size(cfg: Config) -> int:
+    """Processes of this run: the launcher's WORLD_SIZE inside a launched process, else --num_processes,
+    else one per visible GPU (1 on a CPU)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.num_processes or max(1, torch.cuda.device_count())
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Returns (rank, world_size, device) and joins the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -170,36 +189,16 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def gpus_per_process() -> int:
-    """GPUs one process drives: every visible GPU under plain `python` (nn.DataParallel), its own
-    GPU under torchrun, 1 on a CPU. Batch sizes given per GPU are multiplied by this."""
-    return 1 if dist.is_initialized() else max(1, torch.cuda.device_count())
-
-
-def process_devices(device: torch.device) -> list[torch.device]:
-    """The devices this process computes on, its main device first (cuda:0 ... cuda:N-1 under
-    nn.DataParallel, where the model lives on cuda:0)."""
-    return [device] if gpus_per_process() == 1 else [torch.device(device.type, i) for i in range(gpus_per_process())]
-
-
-def data_parallel(module: nn.Module) -> nn.Module:
-    """nn.DataParallel over this process's GPUs when it has several, else the module itself. Each
-    call scatters the batch rows over the GPUs, runs a per-call replica on each and gathers the
-    outputs. Call it with positional arguments only: torch scatters keyword arguments to every GPU
-    even when there are fewer rows than GPUs, and the replicas left without rows then fail."""
-    return nn.DataParallel(module) if gpus_per_process() > 1 else module
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds python, numpy and torch. torch.manual_seed gives every GPU the same seed, so GPUs that
-    sample rows of the same prompt (a group can straddle two GPUs) would draw identical
-    completions: each further GPU of this process gets seed + its index."""
+    """Seeds python, numpy and torch (each process passes seed + its rank: processes that sample rows
+    of the same prompt, a group can straddle two, must not draw identical completions)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    for index in range(1, gpus_per_process()):
-        with torch.cuda.device(index):
-            torch.cuda.manual_seed(seed + index)
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -389,49 +388,6 @@ def decoding_kwargs(tokenizer, max_new_tokens: int, temperature: float | None) -
     return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
 
 
-class ParallelGenerator:
-    """generate() on every GPU of this process, each taking a contiguous slice of the prompt rows.
-
-    The main GPU runs the model itself; every other GPU keeps a full copy whose weights are copied
-    from the model before each call (one device-to-device copy of the weights per call, the same
-    traffic as nn.DataParallel's per-call replicate). Why not nn.DataParallel here: its replicas
-    hold their weights as plain attributes, not parameters, and transformers' generate() reads the
-    model's device from its parameters. On a CPU, one GPU or under torchrun there are no copies."""
-
-    def __init__(self, model: nn.Module, num_devices: int | None = None):
-        self.model = model
-        devices = process_devices(next(model.parameters()).device)[:num_devices]
-        self.copies = [copy.deepcopy(model).eval().requires_grad_(False).to(device) for device in devices[1:]]
-
-    @property
-    def num_devices(self) -> int:
-        return 1 + len(self.copies)
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generate_kwargs: dict) -> torch.Tensor:
-        """Completion ids [rows, max_new_tokens] on the main device, padded with the pad id."""
-        for replica in self.copies:
-            for target, source in zip(replica.parameters(), self.model.parameters()):
-                target.copy_(source)
-        # One slice of rows per GPU; with fewer rows than GPUs the last GPUs sit this call out.
-        models = [self.model, *self.copies]
-        jobs = [(model, ids, mask) for model, ids, mask in
-                zip(models, prompt_ids.tensor_split(len(models)), prompt_mask.tensor_split(len(models))) if len(ids)]
-        calls, inputs, kwargs = [], [], []
-        for model, ids, mask in jobs:
-            device = next(model.parameters()).device
-            calls.append(model.generate)
-            inputs.append((ids.to(device),))
-            kwargs.append({"attention_mask": mask.to(device), **generate_kwargs})
-        if len(calls) == 1:
-            outputs = [calls[0](*inputs[0], **kwargs[0])]
-        else:  # torch's DataParallel machinery: a thread per GPU, each under its device and stream
-            outputs = nn.parallel.parallel_apply(calls, inputs, kwargs, list(range(len(calls))))
-        prompt_width, width = prompt_ids.shape[1], generate_kwargs["max_new_tokens"]
-        return torch.cat([F.pad(out[:, prompt_width:], (0, width - (out.shape[1] - prompt_width)),
-                                value=generate_kwargs["pad_token_id"]).to(prompt_ids.device) for out in outputs])
-
-
 @contextmanager
 def eval_mode(model: nn.Module):
     """Generation runs in eval mode: dropout and gradient checkpointing are inactive there, so the KV
@@ -448,16 +404,15 @@ def eval_mode(model: nn.Module):
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], temperature: float | None, max_new_tokens: int) -> dict:
-    """Batched, left-padded generation. `model` is a causal LM (generates on its own device) or a
-    ParallelGenerator (every GPU of this process). Returns prompt_ids/prompt_mask (left-padded),
-    completion_ids/completion_mask (trimmed to the longest completion), completions (decoded
-    text), lengths and truncated (hit the budget without a stop token)."""
-    generator = model if isinstance(model, ParallelGenerator) else ParallelGenerator(model, num_devices=1)
-    device = next(generator.model.parameters()).device
+    """Batched, left-padded generation on the model's own device. Returns prompt_ids/prompt_mask
+    (left-padded), completion_ids/completion_mask (trimmed to the longest completion), completions
+    (decoded text), lengths and truncated (hit the budget without a stop token)."""
+    device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-    with eval_mode(generator.model):
-        completion_ids = generator.generate(prompt_ids, prompt_mask, decoding_kwargs(tokenizer, max_new_tokens, temperature))
+    with eval_mode(model):
+        output = model.generate(prompt_ids, attention_mask=prompt_mask, **decoding_kwargs(tokenizer, max_new_tokens, temperature))
+    completion_ids = output[:, prompt_ids.shape[1]:]
     stop_ids = stop_token_ids(tokenizer)
     completion_mask = create_completion_mask(completion_ids, stop_ids)
     lengths = completion_mask.sum(1)
@@ -474,14 +429,14 @@ def generate_completions(model, tokenizer, prompts: list[str], temperature: floa
 # Greedy decoding (do_sample=False, set explicitly) on the held-out test split, batched with left
 # padding and prompts sorted by length so batches carry little padding. "accuracy" is lenient
 # (the <answer> block, else the last number of the completion); "strict_accuracy" counts only an
-# answer inside the tags. `model` is a causal LM or a ParallelGenerator (batch_size questions per
-# GPU). Under torchrun each rank evaluates a shard and the records are gathered.
+# answer inside the tags. With several processes each evaluates every N-th question, batch_size
+# at a time, and the records are gathered.
 def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 512,
                    desc: str = "eval") -> dict:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     shard = list(range(rank, len(examples), world))
     shard.sort(key=lambda i: -len(examples[i]["prompt"]))
-    records, batch_size = [], batch_size * (model.num_devices if isinstance(model, ParallelGenerator) else 1)
+    records = []
     for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=not is_main_process(), leave=False):
         batch = [examples[i] for i in shard[start:start + batch_size]]
         out = generate_completions(model, tokenizer, [ex["prompt"] for ex in batch], None, max_new_tokens)
@@ -823,10 +778,10 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, with_entrop
     return (log_probs, entropy) if with_entropy else log_probs
 
 
-# The policy's per-token log-probs come from one small module so that nn.DataParallel (or DDP)
-# can run it on every GPU with a slice of the batch and gather only [batch, tokens] log-probs,
-# never [batch, tokens, vocab] logits. Only the completion positions get logits (logits_to_keep),
-# and they are divided by the sampling temperature, since that is the distribution sampled from.
+# The policy's per-token log-probs come from one small module, so that DDP can wrap exactly the
+# computation whose gradients it averages over processes, and no caller ever holds [batch, tokens,
+# vocab] logits. Only the completion positions get logits (logits_to_keep), and they are divided
+# by the sampling temperature, since that is the distribution sampled from.
 class PerTokenLogProbs(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -846,19 +801,14 @@ class PerTokenLogProbs(nn.Module):
         return selective_log_softmax(logits, targets)[:, :-1]
 
 
-def rows_per_call(module: nn.Module, micro_batch_size: int) -> int:
-    """Rows per forward through `module`: micro_batch_size per GPU it splits them over."""
-    return micro_batch_size * max(1, len(module.device_ids) if isinstance(module, nn.DataParallel) else 1)
-
-
 def compute_log_probs(model, input_ids, attention_mask, logits_to_keep: int, temperature: float = 1.0,
                       micro_batch_size: int | None = None) -> torch.Tensor:
     """Per-token log-probs [batch, logits_to_keep] of the last logits_to_keep tokens, computed
-    `micro_batch_size` sequences (per GPU) at a time. `model` is a causal LM, or a
-    PerTokenLogProbs already wrapped in DataParallel/DDP."""
+    `micro_batch_size` sequences at a time. `model` is a causal LM, or a PerTokenLogProbs (wrapped
+    in DDP or not)."""
     if isinstance(model, PreTrainedModel):
         model = PerTokenLogProbs(model)
-    chunk = rows_per_call(model, micro_batch_size or len(input_ids))
+    chunk = micro_batch_size or len(input_ids)
     return torch.cat([model(input_ids[i:i + chunk], attention_mask[i:i + chunk], logits_to_keep, temperature)
                       for i in range(0, len(input_ids), chunk)])
 
@@ -968,8 +918,8 @@ def loss_denominator(completion_mask: torch.Tensor, loss_type: str) -> float:
 # Each step: sample num_generations completions for batch_size prompts (eval mode, KV cache on),
 # score them, turn rewards into group-relative advantages, get reference log-probs without grad,
 # then take mu optimizer steps on the GRPO loss, accumulating gradients over micro-batches
-# (gradient checkpointing on). All forwards run through nn.DataParallel over the visible GPUs,
-# or through DDP under torchrun, where each rank has its own prompts and DDP averages gradients.
+# (gradient checkpointing on). With N processes (one per GPU) each takes 1/N of the step's
+# completions and DDP averages the gradients, so the step equals one process on the whole batch.
 class MasterWeightAdamW:
     """AdamW on fp32 master copies of bf16 weights. Why: at lr 5e-6 most updates are far below
     bf16's resolution (~1e-4 for a weight of 0.03) and would round away. Rollouts and loss run on
@@ -1026,7 +976,7 @@ class MasterWeightAdamW:
 
 
 class ShardedMasterWeightAdamW:
-    """ZeRO stage 1 under torchrun, with torch's ZeroRedundancyOptimizer: the parameters are split
+    """ZeRO stage 1 with several processes, with torch's ZeroRedundancyOptimizer: the parameters are split
     over the ranks (largest first, balanced by size) and each rank keeps fp32 master weights and
     AdamW moments for its share only, so that state shrinks as 1/N. Every rank still holds all
     bf16 weights and (for DDP) all gradients; after each step the owner of each parameter
@@ -1063,10 +1013,9 @@ def make_optimizer(model: nn.Module, cfg: Config):
 
 
 def prompt_indices(num_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Prompts of a 0-based step for this rank: a seeded reshuffle of the data every epoch, so the
-    order depends only on (seed, step) and a resumed run sees exactly the prompts it would have."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    start = (step * world + rank) * batch_size
+    """The prompts of a 0-based step, the same in every process: a seeded reshuffle of the data every
+    epoch, so the order depends only on (seed, step) and a resumed run sees exactly the prompts it would have."""
+    start = step * batch_size
     return [int(_epoch_order(num_examples, seed, p // num_examples)[p % num_examples]) for p in range(start, start + batch_size)]
 
 
@@ -1075,24 +1024,57 @@ def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor of the same shape from every rank (identity without torchrun)."""
+# A step's completions are rows in prompt order (the num_generations rows of prompt 0, then of
+# prompt 1, ...). The processes split them as evenly as possible, in order: 84 over 8 processes
+# is 11, 11, 11, 11, 10, 10, 10, 10, so a group may straddle two processes. Each process
+# generates, scores and back-propagates only its own rows; what needs whole groups (advantages,
+# the logged rewards) is computed from rows gathered from every process.
+def split_rows(rows: int, world_size: int) -> list[int]:
+    """How many rows each process takes: the first rows % world_size processes one more."""
+    return [rows // world_size + (rank < rows % world_size) for rank in range(world_size)]
+
+
+def rows_of_this_process(rows: int) -> slice:
+    rank, world = rank_and_world()
+    counts = split_rows(rows, world)
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a collective's tensors must live: the GPU for NCCL, the CPU for gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's rows, concatenated in rank order (the tensor itself with one process). The
+    processes may hold different row counts: each pads to the largest, and the padding is cut."""
     if not dist.is_initialized():
         return tensor
-    backend_device = tensor.device if dist.get_backend() != "gloo" else torch.device("cpu")
-    local = tensor.to(backend_device)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts).to(tensor.device)
+    device = collective_device(tensor.device)
+    count = torch.tensor([len(tensor)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[:len(tensor)] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over every process (the values themselves with one process)."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device(device))
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when the flag is set on any rank."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    """True in every process when the flag is set in any."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def make_reference(model: nn.Module) -> nn.Module:
@@ -1103,31 +1085,20 @@ def make_reference(model: nn.Module) -> nn.Module:
 
 
 def parallel_policy(model: nn.Module, device: torch.device) -> nn.Module:
-    """The policy's PerTokenLogProbs, wrapped for data parallelism: DDP under torchrun (each rank
-    its own rows, gradients averaged over ranks), else nn.DataParallel over this process's GPUs
-    (each chunk's rows split over them, gradients summed back into the model on the main GPU)."""
+    """The policy's PerTokenLogProbs, under DDP when there are several processes: each computes
+    its own rows and the backward pass averages the gradients over processes."""
     policy = PerTokenLogProbs(model)
-    if dist.is_initialized():
-        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy
-        return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   gradient_as_bucket_view=True)
-    return data_parallel(policy)
+    if not dist.is_initialized():
+        return policy
+    # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not in a second copy
+    return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)
 
 
-def reset_peak_gpu_memory(devices: list[torch.device]) -> None:
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gpu_memory_gb(devices: list[torch.device]) -> float:
-    """Peak memory allocated since the last reset, on the fullest of the GPUs (the main one under
-    nn.DataParallel, which also holds the optimizer and the reference model)."""
-    return max(torch.cuda.max_memory_allocated(device) for device in devices if device.type == "cuda") / 1e9
 
 
 class TrainingStopped(Exception):
-    """Training ended early (interrupt or repeated non-finite steps); a checkpoint was written."""
+    """The run ended early (interrupt, repeated non-finite steps, a failed process); exit_code is its status."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -1139,15 +1110,12 @@ STOP_SIGNALS: list[str] = []  # filled by the SIGINT/SIGTERM handler; checked af
 
 def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, run_dir: Path | None = None,
                     reward_funcs: dict | None = None, logger=None, reference_model: nn.Module | None = None,
-                    resume_state: dict | None = None, generator: ParallelGenerator | None = None,
-                    eval_examples: list[dict] | None = None) -> nn.Module:
+                    resume_state: dict | None = None, eval_examples: list[dict] | None = None) -> nn.Module:
     """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
     from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint;
-    generator (a ParallelGenerator of model) defaults to one over every GPU of this process; with
-    eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them."""
+    with eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them."""
     reward_funcs = reward_funcs or {name: REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
     device = next(model.parameters()).device
-    generator = generator or ParallelGenerator(model)
     eval_indices = eval_subset(len(eval_examples), cfg.eval_subset_size) if eval_examples and cfg.eval_steps else []
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -1162,24 +1130,28 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
     if cfg.beta > 0 and reference_model is None:
         reference_model = make_reference(model)
     total_steps = cfg.num_iterations * cfg.num_steps
+    rows = rows_of_this_process(cfg.batch_size * cfg.num_generations)
     progress = tqdm(total=total_steps, initial=state["step"], desc="GRPO", disable=not is_main_process())
 
     for step in range(state["step"] + 1, total_steps + 1):
         if cfg.beta > 0 and step > 1 and (step - 1) % cfg.num_steps == 0:  # a new iteration starts
             reference_model, state["reference_step"] = make_reference(model), step - 1
         step_start = time.perf_counter()
-        reset_peak_gpu_memory(process_devices(device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-        # Rollout: every completion of the step in one batched generate call per GPU.
+        # Rollout: this process's rows of the step's batch_size x num_generations, one batched generate.
         batch = [train_examples[i] for i in prompt_indices(len(train_examples), step - 1, cfg.batch_size, cfg.seed)]
-        prompts = [ex["prompt"] for ex in batch for _ in range(cfg.num_generations)]
-        answers = [ex["answer"] for ex in batch for _ in range(cfg.num_generations)]
-        rollout = generate_completions(generator, tokenizer, prompts, cfg.temperature, cfg.max_completion_length)
+        examples = [batch[row // cfg.num_generations] for row in range(rows.start, rows.stop)]
+        rollout = generate_completions(model, tokenizer, [ex["prompt"] for ex in examples], cfg.temperature,
+                                       cfg.max_completion_length)
         rollout_time = time.perf_counter() - step_start
 
-        # Rewards and group-relative advantages (each group lives on one rank).
-        rewards_per_func = score_completions(reward_funcs, rollout["completions"], answers)
-        advantages = compute_group_advantages(rewards_per_func.sum(1), cfg.num_generations, cfg.scale_rewards).to(device)
+        # Rewards of the whole step (each process scores its rows, then they are gathered), and from
+        # them the group-relative advantages, of which each process keeps its own rows.
+        rewards_per_func = all_gather_rows(score_completions(reward_funcs, rollout["completions"],
+                                                             [ex["answer"] for ex in examples]).to(device)).cpu()
+        advantages = compute_group_advantages(rewards_per_func.sum(1), cfg.num_generations, cfg.scale_rewards)[rows].to(device)
         input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
         completion_mask, logits_to_keep = rollout["completion_mask"], rollout["completion_ids"].shape[1]
@@ -1190,8 +1162,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
             old_log_probs = None if cfg.mu == 1 else compute_log_probs(
                 policy, input_ids, attention_mask, logits_to_keep, cfg.temperature, cfg.micro_batch_size)
             ref_log_probs = None if cfg.beta == 0 else compute_log_probs(
-                data_parallel(PerTokenLogProbs(reference_model)), input_ids, attention_mask, logits_to_keep,
-                cfg.temperature, cfg.micro_batch_size)
+                reference_model, input_ids, attention_mask, logits_to_keep, cfg.temperature, cfg.micro_batch_size)
         reference_time = time.perf_counter() - reference_start
 
         update_start = time.perf_counter()
@@ -1216,14 +1187,14 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         # then implies every evaluation up to s is on record, and a resume from s redoes those after s
         # (RunLogger drops their lines). Greedy decoding draws no random numbers: training is unchanged.
         if eval_indices and step % cfg.eval_steps == 0:
-            evaluate_at_step(generator, tokenizer, eval_examples, eval_indices, cfg, step, logger)
+            evaluate_at_step(model, tokenizer, eval_examples, eval_indices, cfg, step, logger)
 
         stop_reason = None
         if state["nonfinite_in_a_row"] >= 3:
             stop_reason = ("stopped: 3 steps in a row had a non-finite loss or gradient norm (their updates were "
                            "skipped); the checkpoint holds the last good weights", 1)
-        elif any_rank(bool(STOP_SIGNALS), device):
-            stop_reason = (f"interrupted ({STOP_SIGNALS[0] if STOP_SIGNALS else 'signal on another rank'}) "
+        elif any_rank(stop_requested(), device):
+            stop_reason = (f"interrupted ({STOP_SIGNALS[0] if STOP_SIGNALS else 'a signal to another process'}) "
                            f"after step {step}", 130)
         if run_dir is not None and (step % cfg.save_steps == 0 or stop_reason or step == total_steps):
             save_checkpoint(run_dir, model, optimizer, state, reference_model, cfg)
@@ -1238,17 +1209,18 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
 
 def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, completion_mask, logits_to_keep: int,
                 advantages, old_log_probs, ref_log_probs) -> dict:
-    """One optimizer step on the GRPO loss, accumulated over micro-batches. A non-finite loss or
-    gradient norm skips the step (counted and warned about) instead of poisoning the weights."""
+    """One optimizer step on the GRPO loss of the whole step's rows, accumulated over this process's
+    micro-batches (and, under DDP, over processes). Each micro-batch's loss is weighted by its share
+    of the whole step's denominator (loss_denominator summed over processes), times the process count
+    because DDP averages gradients: the gradient is that of one process on the whole batch at once.
+    A non-finite loss or gradient norm skips the step (counted and warned about)."""
     optimizer.zero_grad()
-    chunk = rows_per_call(policy, cfg.micro_batch_size)
-    total = loss_denominator(completion_mask, cfg.loss_type)
-    if dist.is_initialized():  # DDP averages ranks' gradients: divide by the mean denominator over ranks
-        total = all_gather_cat(torch.tensor([total], device=input_ids.device)).mean().item()
+    world = rank_and_world()[1]
+    total = all_reduce_sum([loss_denominator(completion_mask, cfg.loss_type)], input_ids.device)[0]
     loss_sum, metric_sums, entropy_sum, tokens = 0.0, {}, 0.0, 0.0
-    starts = range(0, len(input_ids), chunk)
+    starts = range(0, len(input_ids), cfg.micro_batch_size)
     for start in starts:
-        part = slice(start, start + chunk)
+        part = slice(start, start + cfg.micro_batch_size)
         is_last = start == starts[-1]
         sync = policy.no_sync() if isinstance(policy, nn.parallel.DistributedDataParallel) and not is_last else nullcontext()
         with sync:
@@ -1258,16 +1230,19 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
                                       completion_mask[part], epsilon=cfg.epsilon, beta=cfg.beta,
                                       epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                                       max_completion_length=cfg.max_completion_length)
-            weight = loss_denominator(completion_mask[part], cfg.loss_type) / total
+            weight = loss_denominator(completion_mask[part], cfg.loss_type) * world / total
             (loss * weight).backward()
         part_tokens = float(completion_mask[part].sum())
-        loss_sum += loss.item() * weight
+        loss_sum += loss.item() * weight / world
         entropy_sum += float((entropy * completion_mask[part]).sum())
         for key, value in metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * part_tokens
         tokens += part_tokens
     grad_norm = float(optimizer.clip_grad_norm(cfg.max_grad_norm))
-    nonfinite = any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), log_probs.device)
+    # The step's loss and token means over every process, as one process would have computed them.
+    loss_sum, entropy_sum, tokens, *sums = all_reduce_sum([loss_sum, entropy_sum, tokens, *metric_sums.values()],
+                                                          input_ids.device)
+    nonfinite = any_rank(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)), input_ids.device)
     if nonfinite:
         optimizer.zero_grad()
         if is_main_process():
@@ -1275,34 +1250,29 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
     else:
         optimizer.step()
     return {"loss": loss_sum, "grad_norm": grad_norm, "entropy": entropy_sum / max(tokens, 1.0), "nonfinite": nonfinite,
-            "skipped": int(nonfinite), **{key: value / max(tokens, 1.0) for key, value in metric_sums.items()}}
+            "skipped": int(nonfinite), **{key: value / max(tokens, 1.0) for key, value in zip(metric_sums, sums)}}
 
 
 def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, func_names: list[str], update: dict,
                  state: dict, device: torch.device, timings: dict) -> dict:
-    """The step's curves, named like TRL's. Rewards and lengths are gathered from every rank first,
-    so the figures are the same however the run was launched."""
-    rewards_per_func = all_gather_cat(rewards_per_func.to(device)).cpu()
-    lengths = all_gather_cat(rollout["lengths"].float()).cpu()
-    truncated = all_gather_cat(rollout["truncated"].float()).cpu()
+    """The step's curves, named like TRL's, over the whole step's completions (rewards_per_func is
+    already gathered; lengths are gathered here), so they are the same however many processes ran."""
+    lengths = all_gather_rows(rollout["lengths"].float()).cpu()
+    truncated = all_gather_rows(rollout["truncated"].float()).cpu()
     rewards = rewards_per_func.sum(1)
     group_std = rewards.view(-1, cfg.num_generations).std(dim=1)
-    scalars = torch.tensor([update[k] for k in ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-                                                "clip_ratio/region_mean")], device=device)
-    if dist.is_initialized():
-        scalars = all_gather_cat(scalars[None]).mean(0)
     metrics = {"step": state["step"], "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                **{f"rewards/{name}": rewards_per_func[:, i].mean().item() for i, name in enumerate(func_names)},
                "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
                "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
                "completions/max_length": lengths.max().item(), "completions/clipped_ratio": truncated.mean().item(),
-               **dict(zip(("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"),
-                          scalars.tolist())),
+               **{key: update[key] for key in ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                                               "clip_ratio/region_mean")},
                "grad_norm": update["grad_norm"], "learning_rate": cfg.learning_rate,
                "skipped_steps": state["skipped_steps"], **timings,
                "tokens_per_second": lengths.sum().item() / max(timings["rollout_time"], 1e-9)}
     if device.type == "cuda":
-        metrics["gpu_memory_gb"] = peak_gpu_memory_gb(process_devices(device))
+        metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return metrics
 
 
@@ -1313,7 +1283,7 @@ def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, fun
 # a save leaves either the previous checkpoint or the new one, never a broken one.
 def save_checkpoint(run_dir: Path, model, optimizer, state: dict, reference_model, cfg: Config) -> None:
     final, temporary, previous = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = rank_and_world()[0]
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -1350,7 +1320,7 @@ def optimizer_file(rank: int, sharded: bool) -> str:
 
 
 def load_checkpoint(checkpoint: Path) -> dict:
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = rank_and_world()[0]
     sharded = not (checkpoint / optimizer_file(0, sharded=False)).exists()
     return {"trainer_state": json.loads((checkpoint / "trainer_state.json").read_text()),
             "optimizer": torch.load(checkpoint / optimizer_file(rank, sharded), map_location="cpu", weights_only=False),
@@ -1358,18 +1328,17 @@ def load_checkpoint(checkpoint: Path) -> dict:
 
 
 def capture_rng_state() -> dict:
-    """Every generator a step draws from: Python, NumPy, torch's CPU one and one per GPU (under plain
-    python each GPU samples its own rows of a rollout with its own generator)."""
+    """Every generator a step draws from: Python, NumPy, torch's CPU one and this process's GPU's."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.device_count() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def restore_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def barrier() -> None:
@@ -1547,29 +1516,28 @@ def plot_curves(run_dir: Path) -> None:
 
 
 # %% Memory budget
-# What the fullest GPU must hold, estimated before anything runs (from the loaded model, the launch
+# What each GPU must hold, estimated before anything runs (from the loaded model, the process count
 # and the flags) so a run says up front whether it fits. Always resident: the weights, fp32 master
-# weights and AdamW's two fp32 moments (only this rank's 1/N of them with --shard_optimizer under
-# torchrun), the reference model. On top, the larger of two peaks: generation (the KV cache of this
-# GPU's rollout or evaluation rows) and the loss pass (the gradients plus one micro-batch's
-# activations: the kept logits and their gradient, the checkpointed layer inputs, one layer being
-# recomputed). The activation and cache figures are estimates, not measurements.
-def memory_budget(model: nn.Module, cfg: Config, world_size: int, devices_per_process: int, prompt_tokens: int) -> dict:
-    """Estimated bytes per GPU; `peak` is for the fullest one (cuda:0 under nn.DataParallel, each rank
-    under torchrun), `other_gpus_peak` for cuda:1.. under nn.DataParallel (their model copy, a
-    per-call replica and its gradients, activations). `model` may live on the meta device."""
+# weights and AdamW's two fp32 moments (1/N of them with --shard_optimizer over N processes), the
+# reference model. On top, the larger of two peaks: generation (the KV cache of this process's rollout
+# or evaluation rows) and the loss pass (the gradients plus one micro-batch's activations: the kept
+# logits and their gradient, the checkpointed layer inputs, one layer being recomputed). The
+# activation and cache figures are estimates, not measurements.
+def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens: int) -> dict:
+    """Estimated bytes per GPU, one process per GPU; `model` may live on the meta device."""
     model_config, dtype = model.config, next(model.parameters()).dtype
     weight_bytes = torch.finfo(dtype).bits // 8
     params, shards = sum(p.numel() for p in model.parameters()), world_size if cfg.shard_optimizer and world_size > 1 else 1
     hidden, layers, vocab = model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size
     head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
     kv_bytes_per_token = 2 * layers * model_config.num_key_value_heads * head_dim * weight_bytes
-    rollout_rows = math.ceil(cfg.batch_size * cfg.num_generations / devices_per_process)
+    rollout_rows = math.ceil(cfg.batch_size * cfg.num_generations / world_size)
     kv_cache = kv_bytes_per_token * max(rollout_rows * (prompt_tokens + cfg.max_completion_length),
                                         cfg.eval_batch_size * (prompt_tokens + cfg.eval_max_new_tokens))
-    tokens = cfg.micro_batch_size * (prompt_tokens + cfg.max_completion_length)
+    micro_batch = min(cfg.micro_batch_size, rollout_rows)  # a process never holds more rows than it generated
+    tokens = micro_batch * (prompt_tokens + cfg.max_completion_length)
     layer_activations = tokens * (6 * hidden + 4 * model_config.intermediate_size) * weight_bytes
-    activations = (2 * cfg.micro_batch_size * (cfg.max_completion_length + 1) * vocab * weight_bytes
+    activations = (2 * micro_batch * (cfg.max_completion_length + 1) * vocab * weight_bytes
                    + (layers * tokens * hidden * weight_bytes + layer_activations if cfg.gradient_checkpointing
                       else layers * layer_activations))
     fp32_copies = 0 if dtype == torch.float32 else 4 * params / shards  # master weights, and their gradients
@@ -1578,24 +1546,28 @@ def memory_budget(model: nn.Module, cfg: Config, world_size: int, devices_per_pr
               "gradients": params * weight_bytes + fp32_copies, "activations": activations, "kv_cache": kv_cache}
     resident = sum(budget[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
     budget["peak"] = resident + max(kv_cache, budget["gradients"] + activations)
-    if devices_per_process > 1:
-        budget["other_gpus_peak"] = params * weight_bytes + max(kv_cache, 2 * params * weight_bytes + activations)
     return {key: int(value) for key, value in budget.items()}
 
 
-def memory_advice(model: nn.Module, cfg: Config, world_size: int, devices_per_process: int, prompt_tokens: int) -> str:
-    """What to change when the budget does not fit, with the alternative launch's estimated peak."""
-    options = []
-    if world_size == 1 and devices_per_process > 1:  # the same global batch, one process per GPU, optimizer sharded
-        per_rank = replace(cfg, batch_size=math.ceil(cfg.batch_size / devices_per_process), shard_optimizer=True)
-        peak = memory_budget(model, per_rank, devices_per_process, 1, prompt_tokens)["peak"] / 1e9
-        options.append(f"launch with `torchrun --standalone --nproc_per_node {devices_per_process} grpo_from_scratch.py "
-                       f"--batch_size {per_rank.batch_size}` (peak ~{peak:.1f} GB per GPU)")
-    elif world_size > 1 and not cfg.shard_optimizer:
-        peak = memory_budget(model, replace(cfg, shard_optimizer=True), world_size, 1, prompt_tokens)["peak"] / 1e9
-        options.append(f"--shard_optimizer True (peak ~{peak:.1f} GB per GPU)")
-    options.append(f"lower --micro_batch_size (now {cfg.micro_batch_size}: activations), --eval_batch_size "
-                   f"({cfg.eval_batch_size}) or --num_generations ({cfg.num_generations}: KV cache)")
+def memory_advice(model: nn.Module, cfg: Config, world_size: int, prompt_tokens: int, gpu_memory_gb: float) -> str:
+    """What to change when the budget does not fit GPUs of gpu_memory_gb, each option with its peak."""
+    def option(flag: str, changed: Config, world: int) -> str | None:
+        peak = memory_budget(model, changed, world, prompt_tokens)
+        return f"{flag} (peak ~{peak['peak'] / 1e9:.1f} GB per GPU)" if expected_to_fit(peak, gpu_memory_gb) else None
+
+    def first(candidates):
+        return next((candidate for candidate in candidates if candidate), None)
+
+    options = [
+        option("--shard_optimizer True", replace(cfg, shard_optimizer=True), world_size)
+        if world_size > 1 and not cfg.shard_optimizer else None,
+        first(option(f"--micro_batch_size {m}", replace(cfg, micro_batch_size=m), world_size)  # the largest that fits
+              for m in range(cfg.micro_batch_size - 1, 0, -1)),
+        first(option(f"{w} GPUs", replace(cfg, shard_optimizer=True), w) for w in (2, 4, 8, 16, 32, 64) if w > world_size),
+    ]
+    options = [o for o in options if o]
+    if not options:
+        return "to fit: no single change found; lower --num_generations or --max_completion_length, or use larger GPUs"
     return "to fit: " + "; or ".join(options)
 
 
@@ -1608,8 +1580,6 @@ def memory_report(budget: dict, gpu_memory_gb: float | None) -> str:
     line = (f"memory budget per GPU (GB, estimated): {parts} resident; then the larger of generation (KV cache "
             f"{gb['kv_cache']:.2f}) and the loss pass (gradients {gb['gradients']:.2f} + activations "
             f"{gb['activations']:.2f}): peak {gb['peak']:.2f}")
-    if "other_gpus_peak" in budget:
-        line += f" on cuda:0, {gb['other_gpus_peak']:.2f} on each other GPU"
     if gpu_memory_gb is not None:
         line += f" | {gpu_memory_gb:.0f} GB GPUs: " + ("expected to fit" if expected_to_fit(budget, gpu_memory_gb)
                                                       else "expected NOT to fit")
@@ -1661,9 +1631,9 @@ def check_resume_compatible(cfg: Config, run_dir: Path, world_size: int) -> None
         raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {run_dir}; resume with the original values")
     # Each rank's prompts, RNG state and (sharded) optimizer state belong to its rank number.
     if saved["world_size"] != world_size:
-        launch = f"torchrun --nproc_per_node {saved['world_size']}" if saved["world_size"] > 1 else "python (no torchrun)"
         raise ConfigError(f"--resume: the run in {run_dir} was trained by {saved['world_size']} process(es) and this "
-                          f"launch has {world_size}; resume it with {launch}")
+                          f"launch has {world_size}; resume it with --num_processes {saved['world_size']} "
+                          f"(under torchrun: --nproc_per_node {saved['world_size']})")
 
 
 def agree_on_rank0(compute):
@@ -1710,15 +1680,28 @@ def parameter_checksum(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# Stopping cleanly. SIGINT/SIGTERM to a training process let the current step finish, then every
+# process saves its part of one checkpoint and exits with status 130; a second signal aborts at once
+# (the last checkpoint stays intact, its saves are atomic). Processes started by launch_processes
+# below run in sessions of their own, so Ctrl-C reaches only their launcher, which asks them to stop
+# by writing the file named by STOP_FILE_ENV; they look for it after every step.
+STOP_FILE_ENV = "GRPO_STOP_FILE"
+
+
+def stop_requested() -> bool:
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if not STOP_SIGNALS and stop_file and os.path.exists(stop_file):
+        STOP_SIGNALS.append(Path(stop_file).read_text().strip())
+    return bool(STOP_SIGNALS)
+
+
 @contextmanager
 def stop_after_step():
-    """During training, SIGINT/SIGTERM finish the current step, save a checkpoint and exit; a second
-    Ctrl-C aborts at once (the last checkpoint stays intact)."""
     def handler(signum, frame):
-        if STOP_SIGNALS:
+        if stop_requested():
             raise KeyboardInterrupt
         STOP_SIGNALS.append(signal.Signals(signum).name)
-        if is_main_process():
+        if is_main_process() and STOP_FILE_ENV not in os.environ:  # else the launcher said it
             tqdm.write(f"{STOP_SIGNALS[0]}: stopping after this step and saving a checkpoint (Ctrl-C again aborts now)")
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1728,24 +1711,33 @@ def stop_after_step():
             signal.signal(sig, old)
 
 
-def resume_command(argv: list[str], run_dir: Path) -> str:
-    """The same command with --run_name pointing at this run, plus --resume."""
+def without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the given --flags: `--name value`, `--name=value`, or a bare boolean `--name`."""
     kept, i = [], 0
     while i < len(argv):
-        if argv[i] == "--run_name":
-            i += 2
+        name = argv[i].removeprefix("--").split("=", 1)[0]
+        if argv[i].startswith("--") and name in names:
+            takes_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            i += 2 if takes_value else 1
             continue
-        if argv[i] != "--resume" and not argv[i].startswith(("--run_name=", "--resume=")):
-            kept.append(argv[i])
+        kept.append(argv[i])
         i += 1
+    return kept
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The same command with --run_name pointing at this run, plus --resume."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
-    return shlex.join([*launcher.split(), "grpo_from_scratch.py", *kept, "--run_name", run_dir.name, "--resume"])
+    launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 and STOP_FILE_ENV not in os.environ else ["python"]
+    return shlex.join([*launcher, "grpo_from_scratch.py", *without_flags(argv, ("run_name", "resume")),
+                       "--run_name", run_dir.name, "--resume"])
 
 
 def run(cfg: Config, argv: list[str]) -> dict:
+    """The whole run in this process (one of several under a launcher): evaluate, train, evaluate, save."""
     rank, world_size, device = setup_distributed()
-    validate_config(cfg)
+    if STOP_FILE_ENV in os.environ:
+        exit_with_the_launcher()
     seed_everything(cfg.seed + rank)
     run_dir = Path(agree_on_rank0(lambda: str(resolve_run_dir(cfg))))
     checkpoint = find_checkpoint(run_dir) if cfg.resume else None
@@ -1768,23 +1760,22 @@ def run(cfg: Config, argv: list[str]) -> dict:
         reference_step = resume_state["trainer_state"]["reference_step"]
         source = str(checkpoint / "reference_model") if reference_step > 0 else cfg.model_name_or_path
         reference_model = make_reference(load_model(source, dtype, attn, device))
-    devices = process_devices(device)
     prompt_tokens = max(prompt_lengths(train_examples, tokenizer))
-    budget = memory_budget(model, cfg, world_size, len(devices), prompt_tokens)
+    budget = memory_budget(model, cfg, world_size, prompt_tokens)
     gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"run folder {run_dir} | {len(devices)} {device.type} device(s) per process, world size {world_size} | "
+        print(f"run folder {run_dir} | {world_size} process(es), one {device.type} device each | "
               f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
               f"{len(train_examples)} train / {len(eval_examples)} eval questions"
               + (f" | resuming from {checkpoint or 'step 0 (no checkpoint yet)'}" if cfg.resume else ""))
         print(memory_report(budget, gpu_memory_gb))
         if gpu_memory_gb is not None and not expected_to_fit(budget, gpu_memory_gb):
-            print(memory_advice(model, cfg, world_size, len(devices), prompt_tokens))
+            print(memory_advice(model, cfg, world_size, prompt_tokens, gpu_memory_gb))
         if not cfg.resume:
             (run_dir / "config.json").write_text(json.dumps(
-                {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size, "devices_per_process": len(devices),
+                {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size,
                  "memory_budget_bytes": budget, "gpu_memory_gb": gpu_memory_gb, "longest_train_prompt_tokens": prompt_tokens,
                  "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
                  "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
@@ -1793,11 +1784,10 @@ def run(cfg: Config, argv: list[str]) -> dict:
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.exists() else {}
     resume_step = resume_state["trainer_state"]["step"] if checkpoint else 0
     logger = RunLogger(run_dir, cfg, resume_step if cfg.resume else None, budget["peak"] / 1e9) if is_main else None
-    generator = ParallelGenerator(model)
     started = time.perf_counter()
 
     def evaluate_and_record(when: str) -> None:
-        result = evaluate_model(generator, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}")
+        result = evaluate_model(model, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}")
         if is_main:
             write_jsonl(run_dir / f"eval_{when}.jsonl", result.pop("records"))
             summary[when] = result
@@ -1813,7 +1803,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     with stop_after_step():
         try:
             train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
-                            resume_state=resume_state, generator=generator, eval_examples=eval_examples)
+                            resume_state=resume_state, eval_examples=eval_examples)
         except TrainingStopped as stopped:
             if is_main:
                 logger.draw_curves(final=True)
@@ -1868,28 +1858,152 @@ def print_final_table(summary: dict, run_dir: Path, eval_set: str) -> None:
     print("-" * 68)
 
 
+# %% Launching one process per GPU
+# Plain `python grpo_from_scratch.py` with N > 1 processes re-runs this script N times under torch's
+# elastic launcher (what `torchrun --standalone --nproc_per_node N` does: a rendezvous on a free
+# local port, RANK/WORLD_SIZE/LOCAL_RANK for each process) and waits. Before that it refuses bad
+# flags, data files and resumes in one line, without starting anything. It owns the terminal's
+# signals (see stop_after_step); when a process fails, the launcher stops the others within seconds
+# (SIGTERM, then SIGKILL after LAUNCHER_SHUTDOWN_SECONDS), so no process is left in a collective
+# waiting for a peer that is gone. The exit status is the run's: 0, 2 bad input, 130 stopped, 1 failed.
+LAUNCHER_SHUTDOWN_SECONDS = 10
+
+
+def launch_processes(cfg: Config, argv: list[str], world_size: int) -> dict:
+    """Runs the training in world_size processes and returns the run's summary."""
+    import logging
+    import tempfile
+    import uuid
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    run_dir = resolve_run_dir(cfg)
+    if cfg.resume:
+        check_resume_compatible(cfg, run_dir, world_size)
+    for flag in ("train_file", "eval_file"):
+        if getattr(cfg, flag) is not None:
+            read_jsonl_rows(getattr(cfg, flag), f"--{flag}")
+    worker_argv = [*without_flags(argv, ("run_name",)), "--run_name", run_dir.name]  # one folder for every process
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          signals_to_handle="SIGHUP,SIGQUIT", shutdown_timeout=LAUNCHER_SHUTDOWN_SECONDS)
+    stop_file = Path(tempfile.mkdtemp(prefix="grpo-launcher-")) / "stop"
+
+    def ask_to_stop(signum, frame):
+        if stop_file.exists():
+            raise KeyboardInterrupt  # the launcher stops every process now (they abort: a second signal)
+        stop_file.write_text(f"{signal.Signals(signum).name} to the launcher")
+        print(f"{signal.Signals(signum).name}: every process stops after this step and saves a checkpoint "
+              f"(Ctrl-C again aborts now)", file=sys.stderr)
+
+    environment = {STOP_FILE_ENV: str(stop_file), "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))}  # as torchrun: no oversubscribed CPU
+    saved_environment = {key: os.environ.get(key) for key in environment}
+    saved_handlers = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    elastic_logger = logging.getLogger("torch.distributed.elastic")
+    saved_level = elastic_logger.level
+    elastic_logger.setLevel(logging.CRITICAL)  # its per-process failure reports; the outcome is reported below
+    os.environ.update(environment)
+    try:
+        elastic_launch(launch, sys.executable)(str(Path(__file__).resolve()), *worker_argv)
+    except ChildFailedError as failed:
+        raise TrainingStopped(*launch_outcome(failed.failures, stop_file.exists())) from None
+    finally:
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+        for key, value in saved_environment.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        elastic_logger.setLevel(saved_level)
+        shutil.rmtree(stop_file.parent, ignore_errors=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def launch_outcome(failures: dict, stop_asked: bool) -> tuple[str, int]:
+    """(message, exit status) of a launch in which some process did not exit 0. A process that printed
+    its own line (an error, a refusal, the resume command) leaves the message empty; only a process
+    killed by a signal it did not handle (SIGKILL, the kernel's out-of-memory killer) is named here.
+    Processes the launcher itself stopped (SIGTERM) are not the cause."""
+    codes = {rank: failure.exitcode for rank, failure in failures.items()}
+    killed = {rank: failure for rank, failure in failures.items() if failure.exitcode < 0
+              and failure.exitcode != -signal.SIGTERM}
+    if killed:
+        rank, failure = min(killed.items())
+        return (f"error: rank {rank} (pid {failure.pid}) was killed by {failure.signal_name()}; the launcher stopped "
+                f"every other process. The last checkpoint is intact: resume with --resume", 1)
+    if any(code not in (130, -signal.SIGTERM) for code in codes.values()):
+        return "", 2 if 2 in codes.values() and 1 not in codes.values() else 1
+    return "", 130 if stop_asked or 130 in codes.values() else 1
+
+
+def exit_with_the_launcher() -> None:
+    """A process started by launch_processes ends when its launcher does (killed with SIGKILL, say):
+    left running, it would go on writing into the run folder, which a resumed run then writes too."""
+    import threading
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-the-launcher").start()
+
+
+def report_failure(error: Exception, cfg: Config | None) -> None:
+    """With several processes, an unexpected exception is one line naming the rank (N tracebacks would
+    bury the one that matters); the traceback goes to error_rank<r>.txt in the run folder."""
+    import traceback
+    rank = rank_and_world()[0]
+    run_dir = Path(cfg.output_dir) / cfg.run_name if cfg is not None and cfg.run_name else None
+    detail = ""
+    if run_dir is not None and run_dir.is_dir():
+        (run_dir / f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        detail = f" (traceback in {run_dir / f'error_rank{rank}.txt'})"
+    else:
+        traceback.print_exc()
+    if isinstance(error, dist.DistError) or stop_requested():
+        print(f"rank {rank}: stopped: lost contact with another process ({type(error).__name__}){detail}", file=sys.stderr)
+    else:
+        message = (str(error).strip().splitlines() or [""])[0]
+        print(f"error: rank {rank}: {type(error).__name__}: {message}{detail}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: bad input exits with status 2 and one line naming the flag or file."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
     try:
         cfg = parse_config(argv)
+        validate_config(cfg)
+        world_size = launch_world_size(cfg)
+        if world_size > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_processes(cfg, argv, world_size)
         return run(cfg, argv)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main_process():  # every process refuses the same input: one line is enough
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as stopped:
-        print(stopped, file=sys.stderr)
+        if is_main_process() and str(stopped):
+            print(stopped, file=sys.stderr)
+        barrier()  # no process exits before the resume command is printed
         sys.exit(stopped.exit_code)
     except torch.OutOfMemoryError:
-        print(f"error: CUDA out of memory. Lower --micro_batch_size (now {cfg.micro_batch_size}), --num_generations "
+        rank = f"rank {rank_and_world()[0]}: " if dist.is_initialized() else ""
+        print(f"error: {rank}CUDA out of memory. Lower --micro_batch_size (now {cfg.micro_batch_size}), --num_generations "
               f"({cfg.num_generations}), --max_completion_length ({cfg.max_completion_length}) or --eval_batch_size "
               f"({cfg.eval_batch_size}); the last checkpoint in {cfg.output_dir}/<run>/checkpoint is intact "
               f"(resume with --resume)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("aborted; files already written are kept (the last checkpoint is intact; resume with --resume)", file=sys.stderr)
+        if is_main_process() and STOP_FILE_ENV not in os.environ:  # a launcher's process: the launcher says it
+            print("aborted; files already written are kept (the last checkpoint is intact; resume with --resume)",
+                  file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        if not dist.is_initialized():
+            raise
+        report_failure(error, cfg)
+        sys.exit(1)
     finally:
         STOP_SIGNALS.clear()
         if dist.is_initialized():

@@ -82,11 +82,9 @@ def bench_rollout(model, tokenizer, prompts, max_new, device, repeats):
         sync(device)
         return (time.perf_counter() - start) / repeats, out
 
-    generator = grpo.ParallelGenerator(model)  # every visible GPU, as in training
-
     def ours():
         with torch.no_grad(), grpo.eval_mode(model):
-            return generator.generate(ids, mask, kwargs)
+            return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
 
     def no_cache():
         model.train()
@@ -117,7 +115,7 @@ def bench_update(model, tokenizer, prompts, cfg, device, repeats):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = grpo.MasterWeightAdamW(model.parameters(), lr=cfg.learning_rate)
-    policy = grpo.data_parallel(grpo.PerTokenLogProbs(model))
+    policy = grpo.PerTokenLogProbs(model)
     with torch.no_grad():
         ref = grpo.compute_log_probs(policy, input_ids, attention_mask, keep, cfg.temperature, cfg.micro_batch_size)
     times = []
@@ -162,7 +160,7 @@ def bench_periodic_eval(model, tokenizer, cfg, device):
     examples = [{"question": q, "prompt": grpo.build_prompt(q, tokenizer), "answer": "0"} for q in questions]
     sync(device)
     start = time.perf_counter()
-    result = grpo.evaluate_model(grpo.ParallelGenerator(model), tokenizer, examples, cfg.eval_batch_size,
+    result = grpo.evaluate_model(model, tokenizer, examples, cfg.eval_batch_size,
                                  cfg.eval_max_new_tokens, "periodic eval")
     sync(device)
     return {"eval_s": time.perf_counter() - start, "questions": result["n"], "max_new_tokens": cfg.eval_max_new_tokens,

@@ -1,23 +1,28 @@
-"""Issue 5: multi-process and multi-GPU paths, tested on CPU.
+"""Issue 19: data parallelism by processes, one per GPU, tested on a CPU with gloo.
 
-- `torchrun --standalone --nproc_per_node 2 grpo_from_scratch.py ...` on gloo runs the tiny model to
-  completion: one run folder, world_size 2 in config.json, only rank 0 logs, the evaluation is sharded
-  and gathered, and after the steps both replicas hold identical parameters.
-- The metrics of a step are gathered across ranks before logging (checked under torchrun with rank-specific
-  rewards, since the real run's completions are not exposed per rank).
-- A refusal under torchrun reaches every rank (no rank hangs in a collective) and exits 2.
-The nn.DataParallel path (plain `python` on several GPUs) is tested in test_data_parallel.py.
+- `python grpo_from_scratch.py --num_processes 3` (no --run_name): torch's launcher starts 3 processes, which
+  split the step's 8 completions 3, 3, 2 (the second group straddles two processes); one run folder, world_size 3,
+  only rank 0 logs and prints, the evaluations are split and gathered, the replicas end identical.
+- `torchrun --standalone --nproc_per_node 2 grpo_from_scratch.py` runs the same path; a refusal under it is one line.
+- On one fixed rollout batch, 2 and 3 processes (uneven splits) give the loss, the metrics and the gradient of one
+  process on the whole batch, for every loss type; step metrics are gathered over the processes' rows.
+- Faults: the launcher SIGKILLed (its processes exit by themselves) and the run resumed ends bit-identical to an
+  uninterrupted one; another process count is refused in one line; a process killed with SIGKILL ends the run within
+  seconds with one line; SIGINT to the process group (Ctrl-C) or SIGTERM to the launcher stops every process after
+  its step with one checkpoint, one resume command and exit status 130, and that command finishes the run.
 """
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 import grpo_from_scratch as grpo
@@ -32,7 +37,7 @@ def subprocess_env(tmp_path: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "HF_HOME": str(tmp_path / "hf-home"), "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU even on a GPU box
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", grpo.STOP_FILE_ENV):
         env.pop(name, None)
     return env
 
@@ -47,163 +52,328 @@ def without_run_name(args: list[str]) -> list[str]:
     return args[:at] + args[at + 2:]
 
 
-def torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *args], cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+def launch(command: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=timeout)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of a process (the launcher starts its processes in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie is dead, only not yet reaped
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended (rc {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def metric_lines(run_dir: Path) -> int:
+    try:
+        return (run_dir / "metrics.jsonl").read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def weights(model_dir: Path) -> dict:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# %% The whole script on 3 processes, and under torchrun
 @pytest.fixture(scope="module")
-def two_rank_run(inputs, tmp_path_factory):
-    """`torchrun --standalone --nproc_per_node 2 grpo_from_scratch.py <tiny args> --num_steps 2`, with no
-    --run_name, so the ranks must agree on the time-stamped folder name, and a periodic evaluation of 5
-    of the 8 eval questions after each step."""
-    tmp_path = tmp_path_factory.mktemp("torchrun")
+def three_process_run(inputs, tmp_path_factory):
+    """`python grpo_from_scratch.py <tiny args> --num_processes 3`, no --run_name (the launcher names the folder
+    for every process), 2 steps of 2 prompts x 4 completions, a periodic evaluation of 5 of the 8 eval questions."""
+    tmp_path = tmp_path_factory.mktemp("three")
     output_dir = tmp_path / "out"
-    args = without_run_name(tiny.run_args(inputs, output_dir, max_completion_length=24, eval_steps=1, eval_subset_size=5))
-    args += ["--num_steps", "2"]
-    result = torchrun([str(SCRIPT), *args], tmp_path)
+    args = without_run_name(tiny.run_args(inputs, output_dir, max_completion_length=24, eval_steps=1, eval_subset_size=5,
+                                          eval_batch_size=2, micro_batch_size=2))
+    result = launch([sys.executable, str(SCRIPT), *args, "--num_processes", "3"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result, output_dir, tmp_path
+    return result, output_dir
 
 
-def test_torchrun_two_ranks_run_to_completion(two_rank_run, inputs):
-    result, output_dir, _ = two_rank_run
-    runs = [p for p in output_dir.iterdir()]
-    assert len(runs) == 1 and runs[0].is_dir(), runs
-    run_dir = runs[0]
+def test_three_processes_run_to_completion(three_process_run, inputs):
+    result, output_dir = three_process_run
+    [run_dir] = list(output_dir.iterdir())
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["world_size"] == 2 and config["run_name"] == run_dir.name
+    assert config["world_size"] == 3 and config["run_name"] == run_dir.name
     assert [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]  # only rank 0 logs
-    # Only rank 0 prints.
-    assert sum(line.startswith("run folder ") for line in result.stdout.splitlines()) == 1
-    assert "world size 2" in result.stdout and result.stdout.count("eval before: accuracy") == 1
-    # The evaluation was split across the ranks and gathered: all 8 questions, each once.
+    assert sum(line.startswith("run folder ") for line in result.stdout.splitlines()) == 1  # only rank 0 prints
+    assert "3 process(es)" in result.stdout
+    assert result.stdout.count("eval before: accuracy") == 1 and "Traceback" not in result.stderr
+    # The evaluations were split over the processes and gathered: every question once.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["before"]["n"] == summary["after"]["n"] == 8
     assert [r["index"] for r in grpo.read_jsonl(run_dir / "eval_after.jsonl")] == list(range(8))
-    # So was each periodic evaluation: all 5 questions of the subset, each once, logged and printed once.
     evaluations = grpo.read_jsonl(run_dir / "eval_steps.jsonl")
     assert [(e["step"], e["n"], e["indices"]) for e in evaluations] == [(step, 5, grpo.eval_subset(8, 5)) for step in (1, 2)]
     assert result.stdout.count("eval step 1: accuracy") == 1
-    # Every rank saved its RNG state; only rank 0 saved the weights.
+    # Every process saved its RNG state and optimizer shard.
     checkpoint = run_dir / "checkpoint"
-    assert {p.name for p in checkpoint.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
-
-
-def test_torchrun_replicas_identical_after_training(two_rank_run, inputs):
-    _, output_dir, _ = two_rank_run
-    run_dir = next(output_dir.iterdir())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    checksums = summary["replica_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1], checksums
-    # The equality is not trivial: the ranks had (different) non-zero gradients and the weights moved.
+    assert {p.name for p in checkpoint.glob("rng_rank*.pt")} == {f"rng_rank{r}.pt" for r in range(3)}
+    assert {p.name for p in checkpoint.glob("optimizer*.pt")} == {f"optimizer_rank{r}.pt" for r in range(3)}
+    # The replicas end identical, and not trivially: there were gradients and the weights moved.
+    assert summary["world_size"] == 3 and len(set(summary["replica_checksums"])) == 1
     metrics = grpo.read_jsonl(run_dir / "metrics.jsonl")
     assert any(r["grad_norm"] > 0 and r["reward_std"] > 0 for r in metrics), metrics
-    final, initial = load_file(str(run_dir / "model" / "model.safetensors")), load_file(str(Path(inputs["model"]) / "model.safetensors"))
+    final, initial = weights(run_dir / "model"), weights(Path(inputs["model"]))
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
-    # The checksum of the saved weights is rank 0's, so the summary describes the model on disk.
     model = grpo.load_model(str(run_dir / "model"), torch.float32, "sdpa", torch.device("cpu"))
-    assert grpo.parameter_checksum(model) == checksums[0]
+    assert grpo.parameter_checksum(model) == summary["replica_checksums"][0]
 
 
-GATHER_CHECK = textwrap.dedent("""
+def test_torchrun_runs_the_same_path_and_refuses_in_one_line(inputs, tmp_path):
+    """torchrun keeps working; and a fresh run into an existing folder is refused by every rank (none hangs in a
+    collective), in one line (rank 0's), with the existing run untouched."""
+    output_dir = tmp_path / "out"
+    args = tiny.run_args(inputs, output_dir, num_steps=1, max_completion_length=8, eval_steps=0)
+    result = launch([*TORCHRUN, str(SCRIPT), *args], tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    run_dir = output_dir / "tiny"
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+    assert len(set(json.loads((run_dir / "summary.json").read_text())["replica_checksums"])) == 1
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    refused = launch([*TORCHRUN, str(SCRIPT), *args], tmp_path, timeout=180)
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--run_name tiny" in errors[0] and "already holds a run" in errors[0], refused.stderr[-3000:]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+
+# %% N processes on one rollout batch equal one process on all of it
+SAME_BATCH_CHECK = textwrap.dedent("""
     import json, sys
     import torch
-    sys.path.insert(0, {repo!r})
-    import grpo_from_scratch as grpo
+    sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+    import grpo_from_scratch as grpo, tiny
 
     rank, world, device = grpo.setup_distributed()
-    assert world == 2 and grpo.gpus_per_process() == 1 and not isinstance(grpo.data_parallel(torch.nn.Linear(1, 1)), torch.nn.DataParallel)
-    cfg = grpo.Config(num_generations=2)
-    # Rank 0's four completions all earned 0, rank 1's all earned 1 per function (two functions).
-    rewards = torch.full((4, 2), float(rank))
-    rollout = {{"lengths": torch.arange(1, 5) + 4 * rank, "truncated": torch.tensor([bool(rank)] * 4)}}
-    update = {{"loss": float(rank), "kl": 0.1 * rank, "entropy": 1.0, "clip_ratio/low_mean": 0.0,
-               "clip_ratio/high_mean": 0.0, "clip_ratio/region_mean": 0.0, "grad_norm": 0.5}}
-    timings = {{"step_time": 1.0, "rollout_time": 1.0, "reference_time": 0.0, "update_time": 0.0}}
-    metrics = grpo.step_metrics(cfg, rollout, rewards, ["a", "b"], update, {{"step": 1, "skipped_steps": 0}}, device, timings)
-    # agree_on_rank0: rank 0 computes (the run folder name, in run()); its value, or its refusal, reaches every rank.
-    agreed = grpo.agree_on_rank0(lambda: f"computed on rank {{rank}}")
+    tokenizer = tiny.build_tokenizer()
+    # One rollout batch of 4 prompts x 2 completions, the same in every process: completions of uneven
+    # lengths (masks), rewards, old log-probs away from the current ones (so ratios clip) and a reference.
+    generator = torch.Generator().manual_seed(0)
+    rows, width, keep = 8, 12, 7
+    input_ids = torch.randint(3, len(tokenizer), (rows, width), generator=generator)
+    attention_mask = torch.ones(rows, width, dtype=torch.long)
+    completion_mask = torch.ones(rows, keep, dtype=torch.long)
+    for row, length in enumerate([7, 2, 5, 1, 7, 3, 6, 4]):
+        completion_mask[row, length:] = 0
+    rewards = torch.tensor([2.0, 0.0, 1.5, 0.2, 0.0, 0.0, 2.2, 0.8])
+    advantages = grpo.compute_group_advantages(rewards, 2)
 
-    def refuse():
-        raise grpo.ConfigError(f"refused on rank {{rank}}")
-    try:
-        grpo.agree_on_rank0(refuse)
-        refusal = None
-    except grpo.ConfigError as error:
-        refusal = str(error)
-    # grpo_update under DDP gives the gradient of the whole two-rank batch at once, for every loss_type,
-    # although rank 1's completions have three times rank 0's tokens (bnpo divides by all tokens).
-    class TokenPolicy(torch.nn.Module):  # the log-prob of each completion token is a learned score
-        def __init__(self):
-            super().__init__()
-            self.scores = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 7))
+    def model():
+        return tiny.tiny_model(tokenizer, seed=1).train()
 
-        def forward(self, input_ids, attention_mask, logits_to_keep, temperature, with_entropy=False):
-            log_probs = torch.log_softmax(self.scores, 0)[input_ids[:, -logits_to_keep:]]
-            return log_probs, torch.zeros_like(log_probs)
+    with torch.no_grad():
+        current = grpo.compute_log_probs(model(), input_ids, attention_mask, keep)
+    old = current + 0.3 * torch.randn(current.shape, generator=generator)
+    ref = current + 0.2 * torch.randn(current.shape, generator=generator)
+    mine = grpo.rows_of_this_process(rows)
 
-    input_ids = torch.arange(24).remainder(7).view(2, 4, 3)  # [rank, sequence, position]
-    masks = torch.tensor([[[1, 0, 0]] * 4, [[1, 1, 1]] * 4])
-    advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5], [2.0, -2.0, 1.0, -1.0]])
-
-    def ddp_matches_one_batch(loss_type):  # a function, so its DDP wrapper is gone before the process group
-        cfg = grpo.Config(num_generations=2, micro_batch_size=2, beta=0.0, max_grad_norm=1e9, loss_type=loss_type,
-                          max_completion_length=3)
-        policy = TokenPolicy()
-        grpo.grpo_update(torch.nn.parallel.DistributedDataParallel(policy), grpo.MasterWeightAdamW(policy.parameters(), lr=0.0),
-                         cfg, input_ids[rank], torch.ones(4, 3), masks[rank], 3, advantages[rank], None, None)
-        reference = TokenPolicy()
-        loss, _ = grpo.grpo_loss(reference(input_ids.view(8, 3), None, 3, 1.0)[0], None, None, advantages.view(8),
-                                 masks.view(8, 3), epsilon=cfg.epsilon, beta=0.0, loss_type=loss_type, max_completion_length=3)
+    def check(loss_type):  # a function, so its DDP wrapper is gone before the process group
+        cfg = grpo.Config(micro_batch_size=2, beta=0.04, epsilon=0.1, max_grad_norm=1e9, learning_rate=0.0,
+                          loss_type=loss_type, max_completion_length=keep, shard_optimizer=False)
+        policy_model = model()
+        update = grpo.grpo_update(grpo.parallel_policy(policy_model, device), grpo.make_optimizer(policy_model, cfg), cfg,
+                                  input_ids[mine], attention_mask[mine], completion_mask[mine], keep, advantages[mine],
+                                  old[mine], ref[mine])
+        alone = model()  # one process, the whole batch in one piece, no process group involved
+        log_probs = grpo.PerTokenLogProbs(alone)(input_ids, attention_mask, keep)
+        loss, metrics = grpo.grpo_loss(log_probs, old, ref, advantages, completion_mask, epsilon=0.1, beta=0.04,
+                                       loss_type=loss_type, max_completion_length=keep)
         loss.backward()
-        return torch.allclose(policy.scores.grad, reference.scores.grad, atol=1e-6)
-    result = {{"metrics": metrics, "prompts": grpo.prompt_indices(32, 0, 3, 5), "any": grpo.any_rank(rank == 1, device),
-               "ddp_matches_one_batch": {{loss_type: ddp_matches_one_batch(loss_type) for loss_type in grpo.LOSS_TYPES}},
-               "gathered": grpo.all_gather_cat(torch.tensor([rank, 10 + rank])).tolist(), "agreed": agreed, "refusal": refusal}}
+        gradient = [p.grad for p in policy_model.parameters()]
+        expected = [p.grad for p in alone.parameters()]
+        return {{"max_gradient_difference": max((g - e).abs().max().item() for g, e in zip(gradient, expected)),
+                "largest_gradient": max(e.abs().max().item() for e in expected),
+                "loss": [update["loss"], loss.item()],
+                "metrics": {{key: [update[key], float(value)] for key, value in metrics.items()}}}}
+
+    counts = grpo.split_rows(rows, world)
+    gathered = grpo.all_gather_rows(torch.arange(rows)[mine].float()[:, None] * torch.tensor([1.0, -1.0]))
+    result = {{"rows": [mine.start, mine.stop], "counts": counts, "gathered": gathered.tolist(),
+              "checks": {{loss_type: check(loss_type) for loss_type in grpo.LOSS_TYPES}}}}
     with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
         json.dump(result, handle)
     torch.distributed.destroy_process_group()
 """)
 
 
-def test_torchrun_gathers_across_ranks(tmp_path):
-    script = tmp_path / "gather_check.py"
-    script.write_text(GATHER_CHECK.format(repo=str(REPO)))
-    result = torchrun([str(script), str(tmp_path)], tmp_path, timeout=180)
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_give_the_gradient_of_one_process_on_the_whole_batch(processes, tmp_path):
+    script = tmp_path / "same_batch_check.py"
+    script.write_text(SAME_BATCH_CHECK.format(repo=str(REPO), tests=str(REPO / "tests")))
+    result = launch([*TORCHRUN[:-1], str(processes), str(script), str(tmp_path)], tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    metrics = ranks[0]["metrics"]
-    assert ranks[1]["metrics"] == metrics  # every rank computes the same figures
-    assert metrics["reward"] == 1.0 and metrics["rewards/a"] == 0.5 and metrics["rewards/b"] == 0.5  # 8 completions
-    assert metrics["reward_std"] == pytest.approx(torch.tensor([0.0] * 4 + [2.0] * 4).std().item())
-    assert metrics["frac_reward_zero_std"] == 1.0  # 4 groups, each constant within its rank
-    assert (metrics["completions/mean_length"], metrics["completions/min_length"], metrics["completions/max_length"]) == (4.5, 1.0, 8.0)
-    assert metrics["completions/clipped_ratio"] == 0.5
-    assert metrics["loss"] == 0.5 and metrics["kl"] == pytest.approx(0.05)  # averaged over ranks
-    assert metrics["tokens_per_second"] == 36.0  # all 36 tokens of both ranks, over the rollout second
-    # Each rank takes its own prompts: disjoint, and together the first 6 of the seeded order.
-    prompts = [r["prompts"] for r in ranks]
-    assert not set(prompts[0]) & set(prompts[1])
-    assert prompts[0] + prompts[1] == [int(i) for i in grpo._epoch_order(32, 5, 0)[:6]]
-    assert all(r["any"] is True for r in ranks)
-    assert all(r["gathered"] == [0, 10, 1, 11] for r in ranks)
-    assert [r["agreed"] for r in ranks] == ["computed on rank 0"] * 2
-    assert [r["refusal"] for r in ranks] == ["refused on rank 0"] * 2
-    assert all(r["ddp_matches_one_batch"] == {"grpo": True, "bnpo": True, "dr_grpo": True, "dapo": True} for r in ranks)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
+    counts = {2: [4, 4], 3: [3, 3, 2]}[processes]  # 3 processes: the group of rows 2-3 straddles ranks 0 and 1
+    assert all(r["counts"] == counts for r in ranks)
+    assert [r["rows"] for r in ranks] == [[sum(counts[:i]), sum(counts[:i + 1])] for i in range(processes)]
+    assert all(r["gathered"] == [[i, -i] for i in range(8)] for r in ranks)  # every row once, in order
+    for rank in ranks:
+        for loss_type, check in rank["checks"].items():
+            assert check["largest_gradient"] > 1e-3, loss_type  # a real gradient to compare
+            assert check["max_gradient_difference"] <= 1e-6 * check["largest_gradient"] + 1e-9, (loss_type, check)
+            assert check["loss"][0] == pytest.approx(check["loss"][1], rel=1e-5, abs=1e-8), loss_type
+            for key, (got, want) in check["metrics"].items():
+                assert got == pytest.approx(want, rel=1e-5, abs=1e-8), (loss_type, key)
+    assert any(c["metrics"]["clip_ratio/region_mean"][1] > 0 for c in ranks[0]["checks"].values())  # clipping happened
 
 
-def test_torchrun_refusal_reaches_every_rank(two_rank_run, inputs):
-    """A fresh run into an existing run folder is refused; every rank exits with the one-line error (none
-    hangs in a collective), torchrun reports the failure, and the existing run is untouched."""
-    _, output_dir, tmp_path = two_rank_run
-    run_dir = next(output_dir.iterdir())
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
-    args = tiny.run_args(inputs, output_dir, run_name=run_dir.name)
-    result = torchrun([str(SCRIPT), *args], tmp_path, timeout=180)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all("--run_name" in line and "already holds a run" in line for line in errors), result.stderr[-3000:]
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+def test_split_rows_is_even_and_in_order():
+    assert grpo.split_rows(84, 8) == [11, 11, 11, 11, 10, 10, 10, 10]
+    assert grpo.split_rows(84, 1) == [84] and grpo.split_rows(7, 7) == [1] * 7
+    with pytest.raises(grpo.ConfigError, match="--num_processes 9: more processes than the step's 8 completions"):
+        grpo.validate_config(grpo.Config(num_processes=9, batch_size=2, num_generations=4))
+
+
+# %% Faults
+def test_killed_launcher_resumes_bit_identical_and_other_counts_are_refused(inputs, tmp_path, capsys):
+    """SIGKILL of the launcher after the first checkpoint: its processes notice and exit by themselves within
+    seconds; the same command plus --resume ends with the weights and metrics of an uninterrupted 2-process run,
+    bit for bit (each process reloads its optimizer shard and RNG state). Resuming with another process count is
+    refused in one line, before anything starts."""
+    def args(output_dir):
+        return [*tiny.run_args(inputs, output_dir, num_steps=24, save_steps=2, seed=3, max_completion_length=16,
+                               learning_rate=1e-2, eval_steps=0), "--num_processes", "2"]
+
+    env = subprocess_env(tmp_path)
+    run_dir = tmp_path / "killed" / "tiny"
+    logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("baseline", "killed")}
+    baseline, victim = (subprocess.Popen([sys.executable, str(SCRIPT), *args(tmp_path / name)], cwd=REPO, env=env,
+                                         stdout=logs[name], stderr=subprocess.STDOUT) for name in logs)
+    try:
+        wait_for(lambda: (run_dir / "checkpoint" / "trainer_state.json").exists() and metric_lines(run_dir) >= 3,
+                 victim, what="the first checkpoint and step 3")
+        workers = descendants(victim.pid)
+        assert len(workers) == 2, workers
+        victim.send_signal(signal.SIGKILL)  # the launcher alone, as a lost terminal or an OOM kill of it would
+        victim.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in workers if alive(pid)]
+        baseline.wait(timeout=300)
+    finally:
+        for process in (victim, baseline):
+            kill_all(descendants(process.pid) + [process.pid] if process.poll() is None else descendants(process.pid))
+        for log in logs.values():
+            log.close()
+    assert left == [], "processes outlived their launcher"
+    assert baseline.returncode == 0, (tmp_path / "baseline.log").read_text()[-3000:]
+    killed_at = json.loads((grpo.find_checkpoint(run_dir) / "trainer_state.json").read_text())["step"]
+    assert killed_at < 24 and not (run_dir / "model").exists(), "the kill came after training ended"
+
+    resumed = launch([sys.executable, str(SCRIPT), *args(tmp_path / "killed"), "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 25))
+    final, reference = weights(run_dir / "model"), weights(tmp_path / "baseline" / "tiny" / "model")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    assert any(not torch.equal(reference[k], v) for k, v in weights(Path(inputs["model"])).items())
+    keys = ("reward", "loss", "kl", "grad_norm", "completions/mean_length")
+    got, want = (grpo.read_jsonl(d / "metrics.jsonl") for d in (run_dir, tmp_path / "baseline" / "tiny"))
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]
+
+    for processes in ("1", "3"):  # one line naming the count to use; nothing starts
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            grpo.main(args(tmp_path / "killed")[:-1] + [processes, "--resume"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --resume: the run in {run_dir} was trained by 2 process(es) and this launch has {processes}; "
+            "resume it with --num_processes 2 (under torchrun: --nproc_per_node 2)"]
+
+
+def test_a_killed_process_ends_the_whole_run_within_seconds(inputs, tmp_path):
+    """SIGKILL of one of the launcher's processes (as the kernel's out-of-memory killer would): the launcher stops
+    the other within seconds, prints one line naming the rank and the signal, exits 1, and leaves no process."""
+    args = [*tiny.run_args(inputs, tmp_path / "out", num_steps=500, save_steps=100, eval_steps=0), "--num_processes", "2"]
+    run_dir = tmp_path / "out" / "tiny"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: metric_lines(run_dir) >= 2, process, what="step 2")
+        workers = descendants(process.pid)
+        [victim] = [pid for pid in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - killed
+        left = [pid for pid in workers if alive(pid)]
+    finally:
+        kill_all(descendants(process.pid) + [process.pid])
+    assert process.returncode == 1, err[-3000:]
+    assert took < 20 and left == [], (took, left)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: rank 1 (pid {victim}) was killed by SIGKILL; the launcher stopped every other process. "
+                      "The last checkpoint is intact: resume with --resume"], err[-3000:]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGTERM to the launcher"])
+def test_interrupt_stops_every_process_after_its_step(how, inputs, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group; a scheduler sends SIGTERM to the
+    launcher. Either way every process finishes its step, one checkpoint is written (save_steps is larger than the
+    run, so only the stop can have written it), one resume command is printed, the exit status is 130, no process is
+    left, and the printed command completes the run with every step logged once."""
+    output_dir = tmp_path / "out"
+    args = [*without_run_name(tiny.run_args(inputs, output_dir, num_steps=8, save_steps=100, eval_steps=0)),
+            "--num_processes", "2"]
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: any(metric_lines(d) >= 1 for d in output_dir.glob("*")), process, what="step 1")
+        workers = descendants(process.pid)
+        if how.startswith("SIGINT"):
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+        left = [pid for pid in workers if alive(pid)]
+    finally:
+        kill_all(descendants(process.pid) + [process.pid])
+    assert process.returncode == 130, err[-3000:]
+    assert left == [] and "Traceback" not in err and "error" not in err
+    [run_dir] = list(output_dir.iterdir())
+    stopped_at = json.loads((run_dir / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert 1 <= stopped_at < 8 and [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, stopped_at + 1))
+    signame = how.split()[0]
+    assert err.count(f"{signame}: every process stops after this step") == 1
+    assert err.count("resume with:") == 1 and f"interrupted ({signame} to the launcher) after step {stopped_at}" in err
+    command = shlex.split(err.split("resume with:")[1].strip().splitlines()[0])
+    assert command[:2] == ["python", "grpo_from_scratch.py"] and command[-3:] == ["--run_name", run_dir.name, "--resume"]
+    resumed = launch([sys.executable, *command[1:]], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list(output_dir.iterdir()) == [run_dir]
+    assert [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
