@@ -68,9 +68,15 @@ class Config:
     epsilon: float = field(default=0.1, metadata={"help": "Lower clipping range: the ratio is clipped at 1 - epsilon."})
     epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping range (1 + epsilon_high); unset = epsilon."})
     mu: int = field(default=1, metadata={"help": "Optimizer updates per rollout batch; 1 = on-policy, no old-policy forward."})
-    loss_type: str = field(default="grpo", metadata={"help": "Token aggregation: grpo (mean of sequence means), bnpo (mean over tokens), dr_grpo (sum / (sequences x max_completion_length))."})
-    scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (False: Dr. GRPO's r - mean)."})
-    reward_funcs: str = field(default="correctness,format", metadata={"help": "Comma list from REWARD_FUNCS; the TRL demo set is exact_match,integer,strict_format,soft_format,xml_count."})
+    loss_type: str = field(default="grpo", metadata={"help": "Token aggregation: grpo (mean of sequence means), bnpo (mean over tokens), dr_grpo (sum / (sequences x max_completion_length)), dapo (the step's token sum / token count; here equal to bnpo, see grpo_loss)."})
+    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, exp of the mean of its tokens' log-ratios, clipped as a whole)."})
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scale: group (divide r - group mean by the group's std), batch (by the std of the whole step's rewards), none (r - group mean, Dr. GRPO)."})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "Leave completions that hit --max_completion_length without a stop token out of the loss (DAPO's overlong filtering)."})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "Drop groups whose rewards are all equal (no gradient) and draw further prompts until the step has --batch_size groups with signal (DAPO), at most --max_extra_rollouts more rollout calls."})
+    max_extra_rollouts: int = field(default=3, metadata={"help": "With --dynamic_sampling: extra rollout calls per step at most, each of --batch_size prompts; short groups are then filled with zero-signal ones."})
+    reward_funcs: str = field(default="correctness,format", metadata={"help": "Comma list of built-in rewards (REWARD_FUNCS, soft_overlong) and path/to/file.py:function_name entries; the TRL demo set is exact_match,integer,strict_format,soft_format,xml_count."})
+    reward_weights: str | None = field(default=None, metadata={"help": "Comma list, one weight per --reward_funcs entry; the reward is the weighted sum. Unset = 1 each."})
+    overlong_buffer: int = field(default=80, metadata={"help": "soft_overlong reward: over the last N tokens of --max_completion_length it falls linearly from 0 to -1."})
     # Memory and speed.
     micro_batch_size: int = field(default=12, metadata={"help": "Sequences per forward/backward chunk, per process; gradients accumulate over chunks."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the loss pass (never during generation)."})
@@ -122,6 +128,10 @@ def validate_config(cfg: Config) -> None:
         (cfg.epsilon_high is None or cfg.epsilon_high >= cfg.epsilon,
          f"--epsilon_high must be >= --epsilon ({cfg.epsilon}) (got {cfg.epsilon_high})"),
         (cfg.loss_type in LOSS_TYPES, f"--loss_type must be one of {', '.join(LOSS_TYPES)} (got {cfg.loss_type!r})"),
+        (cfg.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, f"--importance_sampling_level must be one of "
+         f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)} (got {cfg.importance_sampling_level!r})"),
+        (cfg.scale_rewards in SCALE_REWARDS, f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)} (got {cfg.scale_rewards!r})"),
+        (cfg.max_extra_rollouts >= 0, f"--max_extra_rollouts must be >= 0 (got {cfg.max_extra_rollouts})"),
         (cfg.attn_implementation in ("auto", "flash_attention_2", "sdpa", "eager"),
          f"--attn_implementation must be auto, flash_attention_2, sdpa or eager (got {cfg.attn_implementation!r})"),
         (cfg.dtype != "float16", "--dtype float16 is refused: Qwen2.5 overflows in fp16 and emits '!!!!'; use bfloat16 or float32"),
@@ -140,9 +150,7 @@ def validate_config(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    unknown = [name for name in cfg.reward_funcs.split(",") if name.strip() not in REWARD_FUNCS]
-    if unknown or not cfg.reward_funcs.strip():
-        raise ConfigError(f"--reward_funcs: unknown {unknown or [cfg.reward_funcs]}; choose from {', '.join(REWARD_FUNCS)}")
+    load_reward_funcs(cfg.reward_funcs, cfg.reward_weights, cfg.max_completion_length, cfg.overlong_buffer)
     for flag in ("train_file", "eval_file"):
         path = getattr(cfg, flag)
         if path is not None and not Path(path).is_file():
@@ -442,11 +450,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 64,
         out = generate_completions(model, tokenizer, [ex["prompt"] for ex in batch], None, max_new_tokens)
         for i, ex, completion, truncated in zip(shard[start:], batch, out["completions"], out["truncated"].tolist()):
             records.append(score_answer(i, ex, completion, truncated))
-    if dist.is_initialized():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-    records.sort(key=lambda r: r["index"])
+    records = sorted(all_gather_list(records), key=lambda r: r["index"])
     n = len(records)
     mean = lambda key: sum(r[key] for r in records) / max(n, 1)  # noqa: E731
     return {"accuracy": mean("correct"), "strict_accuracy": mean("strict_correct"), "format_rate": mean("formatted"),
@@ -1063,18 +1067,106 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Each value summed over every process (the values themselves with one process)."""
+def all_reduce_sum(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    """Each value summed (or reduced by `op`) over every process (the values themselves with one process)."""
     if not dist.is_initialized():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=collective_device(device))
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def all_gather_list(items: list) -> list:
+    """Every process's items (any picklable objects), concatenated in rank order."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True in every process when the flag is set in any."""
     return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+# The step's rollout. Without --dynamic_sampling: one generate call for the step's batch_size prompts x
+# num_generations. With it (DAPO's dynamic sampling): a group whose completions all earned the same
+# reward has zero advantages and carries no gradient, so it is dropped, and further calls of batch_size
+# new prompts are made, at most --max_extra_rollouts, until batch_size groups have signal; if the bound
+# comes first, the step is filled up with dropped groups in the order drawn. Extra prompts come from a
+# generator seeded by (seed, step, call), so which prompts a step draws depends only on the seed and the
+# step, and a resumed run draws the same. The kept rows are then split over the processes afresh.
+def extra_prompt_indices(num_examples: int, step: int, call: int, batch_size: int, seed: int) -> list[int]:
+    rng = np.random.default_rng([seed, step, call])
+    return [int(i) for i in rng.choice(num_examples, size=min(batch_size, num_examples), replace=False)]
+
+
+def sample_step(model, tokenizer, train_examples: list[dict], cfg: Config, step: int, reward_funcs: dict,
+                reward_weights: list[float], device: torch.device) -> dict:
+    """This process's rows of the step: rollout, examples (one per row) and rows (its slice of the step's
+    rows); the whole step's rewards_per_func; extra_rollouts, dropped_groups and generated_tokens."""
+    draws, signal_groups = [], 0
+    for call in range(1 + (cfg.max_extra_rollouts if cfg.dynamic_sampling else 0)):
+        indices = (prompt_indices(len(train_examples), step - 1, cfg.batch_size, cfg.seed) if call == 0 else
+                   extra_prompt_indices(len(train_examples), step, call, cfg.batch_size, cfg.seed))
+        groups = [train_examples[i] for i in indices]
+        rows = rows_of_this_process(len(groups) * cfg.num_generations)
+        examples = [groups[row // cfg.num_generations] for row in range(rows.start, rows.stop)]
+        rollout = generate_completions(model, tokenizer, [ex["prompt"] for ex in examples], cfg.temperature,
+                                       cfg.max_completion_length)
+        rewards_per_func = all_gather_rows(score_completions(reward_funcs, rollout["completions"], [ex["answer"] for ex in examples],
+                                                             rollout["lengths"].tolist()).to(device)).cpu()
+        draws.append({"groups": groups, "rollout": rollout, "examples": examples, "rows": rows,
+                      "rewards_per_func": rewards_per_func})
+        group_std = weighted_reward(rewards_per_func, reward_weights).view(-1, cfg.num_generations).std(dim=1)
+        signal_groups += int((group_std > 1e-6).sum())
+        if signal_groups >= cfg.batch_size:
+            break
+    generated_tokens = all_reduce_sum([float(sum(d["rollout"]["lengths"].sum() for d in draws))], device)[0]
+    if not cfg.dynamic_sampling:
+        return {**draws[0], "extra_rollouts": 0, "dropped_groups": 0, "generated_tokens": generated_tokens}
+    # Keep the first batch_size groups with signal (then without, if short), in the order drawn.
+    rewards_per_func = torch.cat([d["rewards_per_func"] for d in draws])
+    groups = [group for d in draws for group in d["groups"]]
+    has_signal = (weighted_reward(rewards_per_func, reward_weights).view(-1, cfg.num_generations).std(dim=1) > 1e-6).tolist()
+    ranked = sorted(range(len(groups)), key=lambda g: not has_signal[g])  # stable: signal first, each in draw order
+    kept = sorted(ranked[:cfg.batch_size])
+    kept_rows = [g * cfg.num_generations + j for g in kept for j in range(cfg.num_generations)]
+    rows = rows_of_this_process(len(kept_rows))
+    every_row = gather_rollouts([d["rollout"] for d in draws], tokenizer.pad_token_id, device)
+    return {"rollout": take_rows(every_row, kept_rows[rows]), "rows": rows,
+            "examples": [groups[row // cfg.num_generations] for row in kept_rows[rows]],
+            "rewards_per_func": rewards_per_func[kept_rows], "extra_rollouts": len(draws) - 1,
+            "dropped_groups": len(groups) - len(kept), "generated_tokens": generated_tokens}
+
+
+def gather_rollouts(rollouts: list[dict], pad_id: int, device: torch.device) -> dict:
+    """One rollout of every row of several, from every process: each in rank order, one after the other,
+    prompts left-padded and completions right-padded to common widths."""
+    prompt_width, completion_width = (int(w) for w in all_reduce_sum(
+        [max(r["prompt_ids"].shape[1] for r in rollouts), max(r["completion_ids"].shape[1] for r in rollouts)],
+        device, op=dist.ReduceOp.MAX))
+    parts = []
+    for r in rollouts:
+        grow_prompt, grow_completion = prompt_width - r["prompt_ids"].shape[1], completion_width - r["completion_ids"].shape[1]
+        padded = {"prompt_ids": F.pad(r["prompt_ids"], (grow_prompt, 0), value=pad_id),
+                  "prompt_mask": F.pad(r["prompt_mask"], (grow_prompt, 0)),
+                  "completion_ids": F.pad(r["completion_ids"], (0, grow_completion), value=pad_id),
+                  "completion_mask": F.pad(r["completion_mask"], (0, grow_completion)),
+                  "lengths": r["lengths"], "truncated": r["truncated"]}
+        parts.append({key: all_gather_rows(value) for key, value in padded.items()}
+                     | {"completions": all_gather_list(r["completions"])})
+    return {key: sum((p[key] for p in parts), []) if key == "completions" else torch.cat([p[key] for p in parts])
+            for key in parts[0]}
+
+
+def take_rows(rollout: dict, rows: list[int]) -> dict:
+    """The given rows of a rollout, completions trimmed to the longest of them."""
+    index = torch.tensor(rows, dtype=torch.long, device=rollout["prompt_ids"].device)
+    taken = {key: [value[i] for i in rows] if key == "completions" else value[index] for key, value in rollout.items()}
+    width = int(taken["lengths"].max())
+    return {**taken, "completion_ids": taken["completion_ids"][:, :width], "completion_mask": taken["completion_mask"][:, :width]}
 
 
 def make_reference(model: nn.Module) -> nn.Module:
@@ -1114,7 +1206,11 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
     """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
     from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint;
     with eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them."""
-    reward_funcs = reward_funcs or {name: REWARD_FUNCS[name] for name in cfg.reward_funcs.split(",")}
+    if reward_funcs is None:
+        reward_funcs, reward_weights = load_reward_funcs(cfg.reward_funcs, cfg.reward_weights, cfg.max_completion_length,
+                                                         cfg.overlong_buffer)
+    else:
+        reward_weights = parse_reward_weights(cfg.reward_weights, len(reward_funcs))
     device = next(model.parameters()).device
     eval_indices = eval_subset(len(eval_examples), cfg.eval_subset_size) if eval_examples and cfg.eval_steps else []
     if cfg.gradient_checkpointing:
@@ -1130,7 +1226,6 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
     if cfg.beta > 0 and reference_model is None:
         reference_model = make_reference(model)
     total_steps = cfg.num_iterations * cfg.num_steps
-    rows = rows_of_this_process(cfg.batch_size * cfg.num_generations)
     progress = tqdm(total=total_steps, initial=state["step"], desc="GRPO", disable=not is_main_process())
 
     for step in range(state["step"] + 1, total_steps + 1):
@@ -1140,21 +1235,18 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        # Rollout: this process's rows of the step's batch_size x num_generations, one batched generate.
-        batch = [train_examples[i] for i in prompt_indices(len(train_examples), step - 1, cfg.batch_size, cfg.seed)]
-        examples = [batch[row // cfg.num_generations] for row in range(rows.start, rows.stop)]
-        rollout = generate_completions(model, tokenizer, [ex["prompt"] for ex in examples], cfg.temperature,
-                                       cfg.max_completion_length)
+        # Rollout and rewards: this process generates and scores its rows of the step; the rewards of
+        # the whole step are gathered, so each group's advantages come from all of its completions.
+        sampled = sample_step(model, tokenizer, train_examples, cfg, step, reward_funcs, reward_weights, device)
+        rollout, rewards_per_func = sampled["rollout"], sampled["rewards_per_func"]
         rollout_time = time.perf_counter() - step_start
-
-        # Rewards of the whole step (each process scores its rows, then they are gathered), and from
-        # them the group-relative advantages, of which each process keeps its own rows.
-        rewards_per_func = all_gather_rows(score_completions(reward_funcs, rollout["completions"],
-                                                             [ex["answer"] for ex in examples]).to(device)).cpu()
-        advantages = compute_group_advantages(rewards_per_func.sum(1), cfg.num_generations, cfg.scale_rewards)[rows].to(device)
+        rewards = weighted_reward(rewards_per_func, reward_weights)
+        advantages = compute_group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)[sampled["rows"]].to(device)
         input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
         attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
         completion_mask, logits_to_keep = rollout["completion_mask"], rollout["completion_ids"].shape[1]
+        if cfg.mask_truncated_completions:  # DAPO's overlong filtering: no loss on a completion cut off by the budget
+            completion_mask = completion_mask * ~rollout["truncated"][:, None]
 
         # Old and reference log-probs, without grad. mu == 1: old == current, nothing to compute.
         reference_start = time.perf_counter()
@@ -1174,7 +1266,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         update_time = time.perf_counter() - update_start
         state["step"] = step
 
-        metrics = step_metrics(cfg, rollout, rewards_per_func, list(reward_funcs), update, state, device,
+        metrics = step_metrics(cfg, sampled, rewards, list(reward_funcs), update, state, device,
                                {"step_time": time.perf_counter() - step_start, "rollout_time": rollout_time,
                                 "reference_time": reference_time, "update_time": update_time})
         progress.update(1)
@@ -1182,7 +1274,8 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         if logger is not None:
             logger.log_step(metrics)
             if step % cfg.log_completions_steps == 0 or step == 1:
-                logger.log_completions(step, batch[0], rollout, rewards_per_func, list(reward_funcs), advantages)
+                logger.log_completions(step, sampled["examples"][0], rollout, rewards, rewards_per_func, list(reward_funcs),
+                                       advantages)
         # Held-out evaluation after the step's update and before its checkpoint: a checkpoint at step s
         # then implies every evaluation up to s is on record, and a resume from s redoes those after s
         # (RunLogger drops their lines). Greedy decoding draws no random numbers: training is unchanged.
@@ -1216,7 +1309,8 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
     A non-finite loss or gradient norm skips the step (counted and warned about)."""
     optimizer.zero_grad()
     world = rank_and_world()[1]
-    total = all_reduce_sum([loss_denominator(completion_mask, cfg.loss_type)], input_ids.device)[0]
+    # The whole step's denominator; 1 where it is 0 (no token left: --mask_truncated_completions on an all-truncated step).
+    total = all_reduce_sum([loss_denominator(completion_mask, cfg.loss_type)], input_ids.device)[0] or 1.0
     loss_sum, metric_sums, entropy_sum, tokens = 0.0, {}, 0.0, 0.0
     starts = range(0, len(input_ids), cfg.micro_batch_size)
     for start in starts:
@@ -1229,7 +1323,8 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
                                       None if ref_log_probs is None else ref_log_probs[part], advantages[part],
                                       completion_mask[part], epsilon=cfg.epsilon, beta=cfg.beta,
                                       epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                                      max_completion_length=cfg.max_completion_length)
+                                      max_completion_length=cfg.max_completion_length,
+                                      importance_sampling_level=cfg.importance_sampling_level)
             weight = loss_denominator(completion_mask[part], cfg.loss_type) * world / total
             (loss * weight).backward()
         part_tokens = float(completion_mask[part].sum())
@@ -1253,13 +1348,14 @@ def grpo_update(policy, optimizer, cfg: Config, input_ids, attention_mask, compl
             "skipped": int(nonfinite), **{key: value / max(tokens, 1.0) for key, value in zip(metric_sums, sums)}}
 
 
-def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, func_names: list[str], update: dict,
+def step_metrics(cfg: Config, sampled: dict, rewards: torch.Tensor, func_names: list[str], update: dict,
                  state: dict, device: torch.device, timings: dict) -> dict:
-    """The step's curves, named like TRL's, over the whole step's completions (rewards_per_func is
-    already gathered; lengths are gathered here), so they are the same however many processes ran."""
-    lengths = all_gather_rows(rollout["lengths"].float()).cpu()
-    truncated = all_gather_rows(rollout["truncated"].float()).cpu()
-    rewards = rewards_per_func.sum(1)
+    """The step's curves, named like TRL's, over the whole step's completions (the rewards are already
+    gathered; lengths are gathered here), so they are the same however many processes ran. rewards is the
+    weighted sum of sampled["rewards_per_func"]; tokens_per_second counts every generated token."""
+    rewards_per_func = sampled["rewards_per_func"]
+    lengths = all_gather_rows(sampled["rollout"]["lengths"].float()).cpu()
+    truncated = all_gather_rows(sampled["rollout"]["truncated"].float()).cpu()
     group_std = rewards.view(-1, cfg.num_generations).std(dim=1)
     metrics = {"step": state["step"], "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                **{f"rewards/{name}": rewards_per_func[:, i].mean().item() for i, name in enumerate(func_names)},
@@ -1270,7 +1366,10 @@ def step_metrics(cfg: Config, rollout: dict, rewards_per_func: torch.Tensor, fun
                                                "clip_ratio/region_mean")},
                "grad_norm": update["grad_norm"], "learning_rate": cfg.learning_rate,
                "skipped_steps": state["skipped_steps"], **timings,
-               "tokens_per_second": lengths.sum().item() / max(timings["rollout_time"], 1e-9)}
+               "tokens_per_second": sampled["generated_tokens"] / max(timings["rollout_time"], 1e-9)}
+    if cfg.dynamic_sampling:
+        metrics.update({"dynamic_sampling/extra_rollouts": sampled["extra_rollouts"],
+                        "dynamic_sampling/dropped_groups": sampled["dropped_groups"]})
     if device.type == "cuda":
         metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return metrics
@@ -1411,11 +1510,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
-    def log_completions(self, step: int, example: dict, rollout: dict, rewards_per_func, func_names, advantages,
+    def log_completions(self, step: int, example: dict, rollout: dict, rewards, rewards_per_func, func_names, advantages,
                         count: int = 4) -> None:
-        """A few completions of the step's first prompt, with each reward and the advantage."""
+        """A few completions of the step's first prompt, with the reward (the weighted sum), each function's
+        reward and the advantage."""
         rows = [{"step": step, "question": example["question"], "answer": example["answer"],
-                 "completion": rollout["completions"][i], "reward": float(rewards_per_func[i].sum()),
+                 "completion": rollout["completions"][i], "reward": float(rewards[i]),
                  **{f"rewards/{name}": float(rewards_per_func[i, j]) for j, name in enumerate(func_names)},
                  "advantage": float(advantages[i])} for i in range(min(count, len(rollout["completions"])))]
         append_jsonl(self.run_dir / "completions.jsonl", rows)
@@ -1738,6 +1838,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
     rank, world_size, device = setup_distributed()
     if STOP_FILE_ENV in os.environ:
         exit_with_the_launcher()
+    if rank > 0:  # one process draws the progress bars (transformers' loading bars too)
+        __import__("transformers").utils.logging.disable_progress_bar()
     seed_everything(cfg.seed + rank)
     run_dir = Path(agree_on_rank0(lambda: str(resolve_run_dir(cfg))))
     checkpoint = find_checkpoint(run_dir) if cfg.resume else None
@@ -1811,11 +1913,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
                                   f"{resume_command(argv, run_dir)}", stopped.exit_code) from None
     evaluate_and_record("after")
 
-    checksums = [parameter_checksum(model)]
-    if dist.is_initialized():
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, checksums[0])
-        checksums = gathered
+    checksums = all_gather_list([parameter_checksum(model)])
     if is_main:
         records = read_jsonl(run_dir / "metrics.jsonl")
         rollout_seconds = sum(r["rollout_time"] for r in records)
@@ -1867,6 +1965,10 @@ def print_final_table(summary: dict, run_dir: Path, eval_set: str) -> None:
 # (SIGTERM, then SIGKILL after LAUNCHER_SHUTDOWN_SECONDS), so no process is left in a collective
 # waiting for a peer that is gone. The exit status is the run's: 0, 2 bad input, 130 stopped, 1 failed.
 LAUNCHER_SHUTDOWN_SECONDS = 10
+# With several processes, one that fails waits this long before saying why: if another process failed
+# first, the launcher stops this one (SIGTERM) meanwhile, so the first failure is reported, not the
+# "connection closed by peer" errors it caused in the others.
+FAILURE_GRACE_SECONDS = 3
 
 
 def launch_processes(cfg: Config, argv: list[str], world_size: int) -> dict:
@@ -1952,6 +2054,7 @@ def report_failure(error: Exception, cfg: Config | None) -> None:
     """With several processes, an unexpected exception is one line naming the rank (N tracebacks would
     bury the one that matters); the traceback goes to error_rank<r>.txt in the run folder."""
     import traceback
+    time.sleep(FAILURE_GRACE_SECONDS)
     rank = rank_and_world()[0]
     run_dir = Path(cfg.output_dir) / cfg.run_name if cfg is not None and cfg.run_name else None
     detail = ""
@@ -1960,17 +2063,14 @@ def report_failure(error: Exception, cfg: Config | None) -> None:
         detail = f" (traceback in {run_dir / f'error_rank{rank}.txt'})"
     else:
         traceback.print_exc()
-    if isinstance(error, dist.DistError) or stop_requested():
-        print(f"rank {rank}: stopped: lost contact with another process ({type(error).__name__}){detail}", file=sys.stderr)
-    else:
-        message = (str(error).strip().splitlines() or [""])[0]
-        print(f"error: rank {rank}: {type(error).__name__}: {message}{detail}", file=sys.stderr)
+    message = (str(error).strip().splitlines() or [""])[0]
+    tqdm.write(f"error: rank {rank}: {type(error).__name__}: {message}{detail}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: bad input exits with status 2 and one line naming the flag or file."""
     argv = sys.argv[1:] if argv is None else argv
-    cfg = None
+    cfg = None  # messages go through tqdm.write: on a line of their own when a progress bar is drawn
     try:
         cfg = parse_config(argv)
         validate_config(cfg)
@@ -1979,24 +2079,30 @@ def main(argv: list[str] | None = None) -> dict:
             return launch_processes(cfg, argv, world_size)
         return run(cfg, argv)
     except ConfigError as error:
-        if is_main_process():  # every process refuses the same input: one line is enough
-            print(f"error: {error}", file=sys.stderr)
+        # Every process refuses the same input, so rank 0's line is enough; a reward function's return is this
+        # process's own (its completions), so that one is said by whichever process met it.
+        if isinstance(error, RewardFunctionError) and dist.is_initialized():
+            time.sleep(FAILURE_GRACE_SECONDS)
+            tqdm.write(f"error: rank {rank_and_world()[0]}: {error}", file=sys.stderr)
+        elif is_main_process():
+            tqdm.write(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as stopped:
         if is_main_process() and str(stopped):
-            print(stopped, file=sys.stderr)
+            tqdm.write(str(stopped), file=sys.stderr)
         barrier()  # no process exits before the resume command is printed
         sys.exit(stopped.exit_code)
     except torch.OutOfMemoryError:
         rank = f"rank {rank_and_world()[0]}: " if dist.is_initialized() else ""
-        print(f"error: {rank}CUDA out of memory. Lower --micro_batch_size (now {cfg.micro_batch_size}), --num_generations "
+        time.sleep(FAILURE_GRACE_SECONDS if dist.is_initialized() else 0)
+        tqdm.write(f"error: {rank}CUDA out of memory. Lower --micro_batch_size (now {cfg.micro_batch_size}), --num_generations "
               f"({cfg.num_generations}), --max_completion_length ({cfg.max_completion_length}) or --eval_batch_size "
               f"({cfg.eval_batch_size}); the last checkpoint in {cfg.output_dir}/<run>/checkpoint is intact "
               f"(resume with --resume)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if is_main_process() and STOP_FILE_ENV not in os.environ:  # a launcher's process: the launcher says it
-            print("aborted; files already written are kept (the last checkpoint is intact; resume with --resume)",
+            tqdm.write("aborted; files already written are kept (the last checkpoint is intact; resume with --resume)",
                   file=sys.stderr)
         sys.exit(130)
     except Exception as error:

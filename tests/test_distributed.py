@@ -13,6 +13,7 @@
 """
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -221,7 +222,36 @@ SAME_BATCH_CHECK = textwrap.dedent("""
 
     counts = grpo.split_rows(rows, world)
     gathered = grpo.all_gather_rows(torch.arange(rows)[mine].float()[:, None] * torch.tensor([1.0, -1.0]))
+
+    # gather_rollouts: two rollouts of 4 rows each, whose widths differ by process and by rollout; take_rows.
+    def fake_rollout(call):
+        own = grpo.rows_of_this_process(4)
+        ids = [list(range(100 * call + 10 * row, 100 * call + 10 * row + 2 + rank)) for row in range(own.start, own.stop)]
+        completion = [[7] * (1 + rank + call) for _ in ids]
+        return {{"prompt_ids": torch.tensor(ids), "prompt_mask": torch.ones(len(ids), 2 + rank, dtype=torch.long),
+                "completion_ids": torch.tensor(completion), "completion_mask": torch.ones(len(ids), 1 + rank + call, dtype=torch.long),
+                "lengths": torch.full((len(ids),), 1 + rank + call), "truncated": torch.zeros(len(ids), dtype=torch.bool),
+                "completions": [f"call {{call}} row {{row}}" for row in range(own.start, own.stop)]}}
+    every = grpo.gather_rollouts([fake_rollout(0), fake_rollout(1)], pad_id=0, device=device)
+    taken = grpo.take_rows(every, [1, 4])
+
+    # sample_step with dynamic sampling on a real tiny model: groups whose gold is even get a constant reward.
+    def odd_gold_signal(completions, answers):
+        return [float(len(c) % 5) if int(a) % 2 else 1.0 for c, a in zip(completions, answers)]
+    examples = [{{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
+                 "answer": grpo.extract_answer_from_dataset(r["answer"])}} for r in tiny.word_problems(40, seed=3)]
+    sample_cfg = grpo.Config(batch_size=3, num_generations=3, max_completion_length=8, dynamic_sampling=True,
+                             max_extra_rollouts=3, seed=5)
+    grpo.seed_everything(5 + rank)
+    sampled = grpo.sample_step(model().eval(), tokenizer, examples, sample_cfg, 2, {{"odd": odd_gold_signal}}, [1.0], device)
     result = {{"rows": [mine.start, mine.stop], "counts": counts, "gathered": gathered.tolist(),
+              "every": {{key: value if key == "completions" else value.tolist() for key, value in every.items()}},
+              "taken": {{key: value if key == "completions" else value.tolist() for key, value in taken.items()}},
+              "sampled": {{"rewards": sampled["rewards_per_func"][:, 0].tolist(), "rows": [sampled["rows"].start, sampled["rows"].stop],
+                          "answers": [ex["answer"] for ex in sampled["examples"]], "extra_rollouts": sampled["extra_rollouts"],
+                          "dropped_groups": sampled["dropped_groups"], "completions": sampled["rollout"]["completions"],
+                          "draws": [[int(i) for i in grpo.prompt_indices(40, 1, 3, 5)]]
+                                   + [grpo.extra_prompt_indices(40, 2, call, 3, 5) for call in (1, 2, 3)]}},
               "checks": {{loss_type: check(loss_type) for loss_type in grpo.LOSS_TYPES}}}}
     with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
         json.dump(result, handle)
@@ -248,6 +278,37 @@ def test_processes_give_the_gradient_of_one_process_on_the_whole_batch(processes
             for key, (got, want) in check["metrics"].items():
                 assert got == pytest.approx(want, rel=1e-5, abs=1e-8), (loss_type, key)
     assert any(c["metrics"]["clip_ratio/region_mean"][1] > 0 for c in ranks[0]["checks"].values())  # clipping happened
+
+    # gather_rollouts: rollout 0's rows in rank order, then rollout 1's; prompts left-padded and completions
+    # right-padded to the widest over processes and rollouts; take_rows trims the completions to its rows.
+    widest_prompt, widest_completion = 2 + processes - 1, processes + 1
+    owner_of_row = [rank for rank, count in enumerate(grpo.split_rows(4, processes)) for _ in range(count)]
+    for rank in ranks:
+        every = rank["every"]
+        assert every["completions"] == [f"call {call} row {row}" for call in (0, 1) for row in range(4)]
+        for i, (ids, mask, completion) in enumerate(zip(every["prompt_ids"], every["prompt_mask"], every["completion_ids"])):
+            call, row = divmod(i, 4)
+            width = 2 + owner_of_row[row]  # each process made its prompts 2 + its rank wide
+            assert ids == [0] * (widest_prompt - width) + list(range(100 * call + 10 * row, 100 * call + 10 * row + width))
+            assert mask == [0] * (widest_prompt - width) + [1] * width
+            assert len(completion) == widest_completion and every["lengths"][i] == width - 1 + call
+            assert every["completion_mask"][i] == [1] * (width - 1 + call) + [0] * (widest_completion - width + 1 - call)
+        taken = rank["taken"]
+        assert taken["completions"] == [every["completions"][1], every["completions"][4]]
+        assert len(taken["completion_ids"][0]) == max(every["lengths"][1], every["lengths"][4])
+
+    # Dynamic sampling: every process agrees on the step's rewards, draws and counts; together they hold the
+    # kept rows once each; the kept groups all have signal (enough were found within the bound here).
+    sampled = [rank["sampled"] for rank in ranks]
+    assert all(s["rewards"] == sampled[0]["rewards"] and s["draws"] == sampled[0]["draws"] for s in sampled)
+    assert len({(s["extra_rollouts"], s["dropped_groups"]) for s in sampled}) == 1
+    kept = sampled[0]["rewards"]
+    assert len(kept) == 9 and sampled[0]["dropped_groups"] >= 1 and sampled[0]["extra_rollouts"] >= 1
+    assert all(len(set(kept[g:g + 3])) > 1 for g in range(0, 9, 3))  # each kept group has signal
+    assert [s["rows"] for s in sampled] == [[sum(grpo.split_rows(9, processes)[:r]), sum(grpo.split_rows(9, processes)[:r + 1])]
+                                             for r in range(processes)]
+    answers = [a for s in sampled for a in s["answers"]]
+    assert len(answers) == 9 and all(int(a) % 2 == 1 for a in answers)  # only odd golds carry signal
 
 
 def test_split_rows_is_even_and_in_order():
@@ -335,8 +396,7 @@ def test_a_killed_process_ends_the_whole_run_within_seconds(inputs, tmp_path):
         kill_all(descendants(process.pid) + [process.pid])
     assert process.returncode == 1, err[-3000:]
     assert took < 20 and left == [], (took, left)
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: rank 1 (pid {victim}) was killed by SIGKILL; the launcher stopped every other process. "
+    assert re.findall(r"error: .*", err) == [f"error: rank 1 (pid {victim}) was killed by SIGKILL; the launcher stopped every other process. "
                       "The last checkpoint is intact: resume with --resume"], err[-3000:]
     assert "Traceback" not in err
 
@@ -377,3 +437,45 @@ def test_interrupt_stops_every_process_after_its_step(how, inputs, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert list(output_dir.iterdir()) == [run_dir]
     assert [r["step"] for r in grpo.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
+
+
+RANK_ONE_FAULTS = '''
+import os
+
+
+def raises_on_rank_one(completions, answers):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("the reward server is unreachable")
+    return [0.0] * len(completions)
+
+
+def short_on_rank_one(completions, answers):
+    return [0.0] * (len(completions) - (os.environ.get("RANK") == "1"))
+'''
+
+
+@pytest.mark.parametrize("func,status,expected", [
+    ("raises_on_rank_one", 1, "error: rank 1: ValueError: the reward server is unreachable (traceback in {run_dir}/error_rank1.txt)"),
+    ("short_on_rank_one", 2, "error: rank 1: reward function short_on_rank_one (--reward_funcs): returned 3 values for 4 completions"),
+], ids=["exception", "bad-return"])
+def test_a_reward_function_failing_on_one_process_ends_the_run(func, status, expected, inputs, tmp_path):
+    """A reward function that fails on rank 1 only (rank 0 then waits for rank 1's rewards): rank 1 says why in
+    one line (an exception's traceback goes to the run folder), the launcher stops rank 0 within seconds, the exit
+    status is the failure's, and no process is left."""
+    (tmp_path / "faults.py").write_text(RANK_ONE_FAULTS)
+    args = [*tiny.run_args(inputs, tmp_path / "out", eval_steps=0, reward_funcs=f"format,{tmp_path}/faults.py:{func}"),
+            "--num_processes", "2"]
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=180)
+        left = descendants(process.pid)
+    finally:
+        kill_all(descendants(process.pid) + [process.pid])
+    run_dir = tmp_path / "out" / "tiny"
+    assert process.returncode == status, err[-3000:]
+    assert left == [] and "Traceback" not in err
+    # Another process's progress bar may share the line: an error line is what follows "error: ".
+    assert re.findall(r"error: .*", err) == [expected.format(run_dir=run_dir)], err[-3000:]
+    if status == 1:
+        assert "ValueError: the reward server is unreachable" in (run_dir / "error_rank1.txt").read_text()

@@ -325,7 +325,7 @@ class RecordingLogger:
     def log_step(self, metrics):
         self.steps.append(metrics)
 
-    def log_completions(self, step, example, rollout, rewards_per_func, func_names, advantages):
+    def log_completions(self, step, example, rollout, rewards, rewards_per_func, func_names, advantages):
         self.completions.append((step, list(rollout["completions"]), rewards_per_func.clone(), advantages.clone()))
 
 
@@ -572,3 +572,40 @@ def test_script_run_with_the_real_qwen_tokenizer(tmp_path):
     check_run_record(run_dir, paths, steps=2, funcs=["correctness", "format"], tokenizer=tokenizer)
     assert grpo.stop_token_ids(tokenizer) == [151643, 151645]
     assert not (run_dir / "wandb").exists()  # --report_to none
+
+
+REWARD_FILE = '''
+def letters(completions, answers):
+    return [sum(ch.isalpha() for ch in completion) / 10 for completion in completions]
+
+
+def tokens(completions, answers, completion_lengths):
+    return [float(length) for length in completion_lengths]
+'''
+
+
+def test_script_run_with_rewards_from_a_file_weighted(tmp_path, tokenizer):
+    """--reward_funcs mixing built-ins, two functions of the user's file (one reading completion_lengths)
+    and soft_overlong, weighted by --reward_weights: each logged as rewards/<name> in metrics.jsonl and
+    completions.jsonl, the reward their weighted sum, soft_overlong consistent with the token counts."""
+    paths = tiny.write_run_inputs(tmp_path, tokenizer=tokenizer)
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(REWARD_FILE)
+    funcs, weights = ["format", "letters", "tokens", "soft_overlong"], [1.0, 0.5, 0.01, 2.0]
+    out = tmp_path / "outputs"
+    args = tiny.run_args(paths, out, num_steps=2, eval_steps=0, overlong_buffer=4,
+                         reward_funcs=f"format,{reward_file}:letters,{reward_file}:tokens,soft_overlong",
+                         reward_weights=",".join(map(str, weights)))
+    run_script(args, tmp_path / "home")
+    metrics = read_jsonl(out / "tiny" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["reward"] == pytest.approx(sum(w * m[f"rewards/{f}"] for f, w in zip(funcs, weights)), abs=1e-5)
+    samples = read_jsonl(out / "tiny" / "completions.jsonl")
+    assert len(samples) == 8
+    for s in samples:
+        assert s["rewards/letters"] == pytest.approx(sum(ch.isalpha() for ch in s["completion"]) / 10)
+        assert 1 <= s["rewards/tokens"] <= 16  # the completion's token count, within the 16-token budget
+        assert s["rewards/soft_overlong"] == pytest.approx(max(-1.0, min(0.0, (16 - 4 - s["rewards/tokens"]) / 4)))
+        assert s["reward"] == pytest.approx(sum(w * s[f"rewards/{f}"] for f, w in zip(funcs, weights)), abs=1e-5)
+    assert any(s["rewards/soft_overlong"] < 0 for s in samples)  # the random model runs to the budget: punished

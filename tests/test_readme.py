@@ -1,5 +1,6 @@
 """The README must stay true: every flag documented, and CI running the README's test command."""
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -38,3 +39,52 @@ def test_help_lists_every_flag():
     assert "Traceback" not in result.stderr
     for field in dataclasses.fields(grpo.Config):
         assert f"--{field.name}" in result.stdout, f"--{field.name} missing from --help"
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """The README's shell commands (in ```bash blocks, continuation lines joined) that start with prefix."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split("  #")[0].strip()
+            if command.startswith(prefix):
+                commands.append(command)
+    return commands
+
+
+def test_readme_training_commands_run(tmp_path, monkeypatch, capsys):
+    """Every `python grpo_from_scratch.py ...` command of the README (the quickstart, the reward-file example,
+    the DAPO and GSPO recipes) runs as written: its flags, after the flags of a one-step offline run on the
+    tiny model (which they override), so every flag it names is real and its values are accepted."""
+    import shlex
+    import tiny
+    commands = readme_commands("python grpo_from_scratch.py")
+    assert len(commands) >= 4, commands
+    python_blocks = re.findall(r"```python\n(# my_rewards\.py\n.*?)```", README, flags=re.S)
+    (tmp_path / "my_rewards.py").write_text(python_blocks[0])  # the example file, as the README shows it
+    monkeypatch.chdir(tmp_path)  # where its command finds my_rewards.py
+    inputs = tiny.write_run_inputs(tmp_path)
+    for number, command in enumerate(commands):
+        flags = shlex.split(command)[2:]
+        base = tiny.run_args(inputs, tmp_path / "out", run_name=f"readme{number}", num_steps=1, eval_steps=0,
+                             max_completion_length=96, eval_max_new_tokens=8)
+        summary = grpo.main(base + flags)
+        assert summary["steps"] == 1, command
+        config = json.loads((tmp_path / "out" / f"readme{number}" / "config.json").read_text())
+        asked, default = grpo.parse_config(flags), grpo.Config()
+        for field in dataclasses.fields(grpo.Config):  # the run used every value the command sets
+            if getattr(asked, field.name) != getattr(default, field.name):
+                assert config[field.name] == getattr(asked, field.name), (command, field.name)
+    capsys.readouterr()
+
+
+def test_readme_memory_table_is_what_the_script_prints():
+    """README's memory table is the output of `python tests/memory_budget.py`, the command it names."""
+    import subprocess
+    import sys
+    assert "python tests/memory_budget.py" in README
+    result = subprocess.run([sys.executable, "tests/memory_budget.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(table) >= 6 and "\n".join(table) in README

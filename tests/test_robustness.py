@@ -125,6 +125,15 @@ FLAG_REFUSALS = [
     ({"dtype": "int8"}, "--dtype"),
     ({"reward_funcs": "correctness,bogus"}, "--reward_funcs"),
     ({"reward_funcs": ""}, "--reward_funcs"),
+    ({"reward_funcs": "correctness,/nonexistent/rewards.py:fn"}, "--reward_funcs"),
+    ({"reward_funcs": "correctness,format", "reward_weights": "1"}, "--reward_weights"),
+    ({"reward_funcs": "correctness,format", "reward_weights": "1,heavy"}, "--reward_weights"),
+    ({"reward_funcs": "correctness,soft_overlong", "overlong_buffer": 0}, "--overlong_buffer"),
+    ({"scale_rewards": "True"}, "--scale_rewards"),
+    ({"importance_sampling_level": "batch"}, "--importance_sampling_level"),
+    ({"max_extra_rollouts": -1}, "--max_extra_rollouts"),
+    ({"num_processes": 0}, "--num_processes"),
+    ({"num_processes": 9}, "--num_processes"),  # 2 prompts x 4 completions: more processes than completions
     ({"run_name": "a/b"}, "--run_name"),
     ({"model_name_or_path": "/nonexistent/model-folder"}, "--model_name_or_path"),
     ({"train_file": "/nonexistent/train.jsonl"}, "--train_file"),
@@ -144,7 +153,7 @@ def no_model_load(monkeypatch):
 def test_flag_refused(overrides, culprit, inputs, tmp_path, capsys, no_model_load):
     line = refusal(tiny.run_args(inputs, tmp_path / "out", **overrides), capsys)
     assert culprit in line
-    if "file" in culprit or "model" in culprit:
+    if "file" in culprit or "model" in culprit or "/nonexistent/" in str(overrides):
         assert "/nonexistent/" in line  # the path itself is named
     assert not (tmp_path / "out").exists(), "a refused run wrote its run folder"
 
@@ -229,6 +238,55 @@ def test_real_process_refusals_print_one_line(inputs, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--train_file" in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
+
+
+BAD_REWARD_FILE = """
+def short(completions, answers):
+    return [1.0]
+
+
+def words(completions, answers):
+    return ["good"] * len(completions)
+
+
+def not_a_function(completions, answers):
+    return [0.0] * len(completions)
+
+
+not_callable = 3
+"""
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("nowhere.py:fn", "--reward_funcs {folder}/nowhere.py: no such file"),
+    ("rewards.py:missing", "--reward_funcs {folder}/rewards.py:missing: {folder}/rewards.py defines no 'missing'"),
+    ("rewards.py:not_callable", "--reward_funcs {folder}/rewards.py:not_callable: 'not_callable' is a int, not a function"),
+    ("broken.py:fn", "--reward_funcs {folder}/broken.py: importing it raised NameError: name 'undefined_name' is not defined"),
+], ids=["no-file", "no-function", "not-callable", "import-fails"])
+def test_reward_file_refused_before_the_model_loads(entry, expected, inputs, tmp_path, capsys, no_model_load):
+    (tmp_path / "rewards.py").write_text(BAD_REWARD_FILE)
+    (tmp_path / "broken.py").write_text("x = undefined_name\n")
+    line = refusal(tiny.run_args(inputs, tmp_path / "out", reward_funcs=f"correctness,{tmp_path}/{entry}"), capsys)
+    assert line == "error: " + expected.format(folder=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("func,expected", [
+    ("short", "error: reward function short (--reward_funcs): returned 1 values for 8 completions"),
+    ("words", "error: reward function words (--reward_funcs): value 0 is 'good' (a str), not a real number"),
+], ids=["wrong-count", "not-a-number"])
+def test_bad_reward_return_stops_the_run_in_one_line(func, expected, inputs, tmp_path):
+    """Checked at the first call (in the first rollout): exit 2, the one line naming the function, no traceback,
+    and what the run had written (its config and the evaluation before training) is kept."""
+    (tmp_path / "rewards.py").write_text(BAD_REWARD_FILE)
+    result = run_script(tiny.run_args(inputs, tmp_path / "out", reward_funcs=f"format,{tmp_path}/rewards.py:{func}"),
+                        tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line.split("\r")[-1] for line in result.stderr.splitlines()]  # after the progress bar's carriage returns
+    assert [line for line in lines if line.startswith("error")] == [expected]
+    assert "Traceback" not in result.stderr
+    run_dir = tmp_path / "out" / "tiny"
+    assert (run_dir / "config.json").is_file() and len(grpo.read_jsonl(run_dir / "eval_before.jsonl")) == 8
 
 
 # %% Run folders and --resume refusals
