@@ -413,6 +413,31 @@ def test_train_with_grpo_off_policy_without_reference(monkeypatch, tokenizer):
     assert changed > 1e-4
 
 
+def test_mask_truncated_completions_leaves_cut_off_completions_out_of_the_loss(monkeypatch, tokenizer):
+    """--mask_truncated_completions: the loss mask of a completion that hit the budget without a stop token is
+    all zero; every other completion keeps its mask. Without the flag the masks are the rollout's."""
+    seen = []
+    real_update, real_generate = grpo.grpo_update, grpo.generate_completions
+    monkeypatch.setattr(grpo, "generate_completions", lambda *a, **k: seen.append(real_generate(*a, **k)) or seen[-1])
+    monkeypatch.setattr(grpo, "grpo_update", lambda policy, optimizer, cfg, ids, attention, mask, *rest:
+                        seen.append(mask.clone()) or real_update(policy, optimizer, cfg, ids, attention, mask, *rest))
+    for masked in (True, False):
+        seen.clear()
+        cfg = grpo.Config(num_steps=1, batch_size=2, num_generations=4, max_completion_length=12, micro_batch_size=8,
+                          beta=0.0, report_to="none", mask_truncated_completions=masked, gradient_checkpointing=False)
+        torch.manual_seed(0)
+        grpo.train_with_grpo(stopping_model(tokenizer, stop_bias=3.0).train(), tokenizer, train_examples(tokenizer), cfg,
+                             reward_funcs={"chars": char_length_reward}, logger=RecordingLogger())
+        rollout, mask = seen
+        truncated = rollout["truncated"]
+        assert truncated.any() and not truncated.all()  # both kinds in the batch
+        if masked:
+            assert (mask[truncated] == 0).all()
+            assert torch.equal(mask[~truncated], rollout["completion_mask"][~truncated])
+        else:
+            assert torch.equal(mask, rollout["completion_mask"])
+
+
 # --------------------------------------------------------------------------------------------
 # The whole script, as a person runs it
 # --------------------------------------------------------------------------------------------

@@ -609,7 +609,8 @@ def metric_lines(run_dir: Path) -> int:
 
 
 DETERMINISTIC_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                      "loss", "kl", "entropy", "grad_norm", "skipped_steps"]
+                      "loss", "kl", "entropy", "grad_norm", "skipped_steps", "dynamic_sampling/extra_rollouts",
+                      "dynamic_sampling/dropped_groups"]
 
 
 def test_kill_and_resume_matches_uninterrupted_run(signal_inputs, tmp_path):
@@ -619,10 +620,11 @@ def test_kill_and_resume_matches_uninterrupted_run(signal_inputs, tmp_path):
     the checkpoint holds exact fp32 weights, the AdamW state and every RNG state, the prompt order
     depends only on (seed, step), and both processes run the same CPU kernels with the same thread count.
     The killed run also evaluates every 3 steps and the uninterrupted one never: periodic evaluation must
-    leave training bit-identical too, and be on record once per due step after the resume."""
+    leave training bit-identical too, and be on record once per due step after the resume. Both runs use
+    --dynamic_sampling: the prompts of a step's extra rollout calls must be the same after a resume too."""
     def args(output_dir, **periodic):
         return tiny.run_args(signal_inputs, output_dir, num_steps=6, save_steps=2, seed=7, max_completion_length=24,
-                             num_generations=4, batch_size=2, **periodic)
+                             num_generations=4, batch_size=2, dynamic_sampling=True, **periodic)
     env = subprocess_env(tmp_path)
     logs = {name: open(tmp_path / f"{name}.log", "w+") for name in ("baseline", "killed")}
     periodic = {"baseline": {"eval_steps": 0}, "killed": {"eval_steps": 3, "eval_subset_size": 5}}
