@@ -90,19 +90,6 @@ def kill_all(pids: list[int]) -> None:
             pass
 
 
-def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended (rc {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def metric_lines(run_dir: Path) -> int:
-    try:
-        return (run_dir / "metrics.jsonl").read_text().count("\n")
-    except FileNotFoundError:
-        return 0
 
 
 def weights(model_dir: Path) -> dict:
@@ -334,7 +321,7 @@ def test_killed_launcher_resumes_bit_identical_and_other_counts_are_refused(inpu
     baseline, victim = (subprocess.Popen([sys.executable, str(SCRIPT), *args(tmp_path / name)], cwd=REPO, env=env,
                                          stdout=logs[name], stderr=subprocess.STDOUT) for name in logs)
     try:
-        wait_for(lambda: (run_dir / "checkpoint" / "trainer_state.json").exists() and metric_lines(run_dir) >= 3,
+        tiny.wait_for(lambda: (run_dir / "checkpoint" / "trainer_state.json").exists() and tiny.metric_lines(run_dir) >= 3,
                  victim, what="the first checkpoint and step 3")
         workers = descendants(victim.pid)
         assert len(workers) == 2, workers
@@ -384,7 +371,7 @@ def test_a_killed_process_ends_the_whole_run_within_seconds(inputs, tmp_path):
     process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_for(lambda: metric_lines(run_dir) >= 2, process, what="step 2")
+        tiny.wait_for(lambda: tiny.metric_lines(run_dir) >= 2, process, what="step 2")
         workers = descendants(process.pid)
         [victim] = [pid for pid in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
         os.kill(victim, signal.SIGKILL)
@@ -413,7 +400,7 @@ def test_interrupt_stops_every_process_after_its_step(how, inputs, tmp_path):
     process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_for(lambda: any(metric_lines(d) >= 1 for d in output_dir.glob("*")), process, what="step 1")
+        tiny.wait_for(lambda: any(tiny.metric_lines(d) >= 1 for d in output_dir.glob("*")), process, what="step 1")
         workers = descendants(process.pid)
         if how.startswith("SIGINT"):
             os.killpg(process.pid, signal.SIGINT)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -593,19 +592,6 @@ def test_resume_keeps_every_periodic_evaluation_once(inputs, tmp_path, monkeypat
 
 
 # %% Kill and resume (real processes)
-def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended (rc {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def metric_lines(run_dir: Path) -> int:
-    try:
-        return (run_dir / "metrics.jsonl").read_text().count("\n")
-    except FileNotFoundError:
-        return 0
 
 
 DETERMINISTIC_KEYS = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
@@ -632,7 +618,7 @@ def test_kill_and_resume_matches_uninterrupted_run(signal_inputs, tmp_path):
                                          env=env, stdout=logs[name], stderr=subprocess.STDOUT, text=True) for name in logs)
     run_dir = tmp_path / "killed" / "tiny"
     try:
-        wait_for(lambda: (run_dir / "checkpoint" / "trainer_state.json").exists() and metric_lines(run_dir) >= 3,
+        tiny.wait_for(lambda: (run_dir / "checkpoint" / "trainer_state.json").exists() and tiny.metric_lines(run_dir) >= 3,
                  victim, what="the first checkpoint and step 3")
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
@@ -684,7 +670,7 @@ def test_interrupt_saves_checkpoint_prints_resume_command(signum, inputs, tmp_pa
     process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any(metric_lines(d) >= 1 for d in output_dir.glob("*")), process, what="step 1")
+        tiny.wait_for(lambda: any(tiny.metric_lines(d) >= 1 for d in output_dir.glob("*")), process, what="step 1")
         process.send_signal(signum)
         out, err = process.communicate(timeout=120)
     finally:

@@ -10,6 +10,7 @@
 """
 import json
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -121,3 +122,20 @@ def crash_at_save(monkeypatch, step: int) -> None:
             raise SaveCrash(f"crash in the save of step {step}")
         return real_save(run_dir, model, optimizer, state, *args)
     monkeypatch.setattr(grpo, "save_checkpoint", save_checkpoint)
+
+
+def wait_for(condition, process, timeout: float = 240.0, what: str = "") -> None:
+    """Poll condition() until it holds; fail if the process (a subprocess.Popen) ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended (rc {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def metric_lines(run_dir: Path) -> int:
+    """Steps logged so far in a run folder's metrics.jsonl."""
+    try:
+        return (run_dir / "metrics.jsonl").read_text().count("\n")
+    except FileNotFoundError:
+        return 0
