@@ -173,7 +173,7 @@ def launch_world_size(cfg: Config) -> int:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Returns (rank, world_size, device) and joins the process group when launched by torchrun."""
+    """Returns (rank, world_size, device) and joins the process group when started by a launcher.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         # Import torch.distributed.optim (ZeroRedundancyOptimizer) before joining the group: it imports
@@ -2014,7 +2014,10 @@ def launch_processes(cfg: Config, argv: list[str], world_size: int) -> dict:
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
         for key, value in saved_environment.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
         elastic_logger.setLevel(saved_level)
         shutil.rmtree(stop_file.parent, ignore_errors=True)
     return json.loads((run_dir / "summary.json").read_text())
