@@ -1618,10 +1618,11 @@ def plot_curves(run_dir: Path) -> None:
 # What each GPU must hold, estimated before anything runs (from the loaded model, the process count
 # and the flags) so a run says up front whether it fits. Always resident: the weights, fp32 master
 # weights and AdamW's two fp32 moments (1/N of them with --shard_optimizer over N processes), the
-# reference model. On top, the larger of two peaks: generation (the KV cache of this process's rollout
-# or evaluation rows) and the loss pass (the gradients plus one micro-batch's activations: the kept
-# logits and their gradient, the checkpointed layer inputs, one layer being recomputed). The
-# activation and cache figures are estimates, not measurements.
+# reference model, and with compiled decoding (on by default on GPUs) its two static KV caches, kept for
+# the whole run. On top, the larger of two peaks: generation (eager decoding's KV cache of this
+# process's rollout or evaluation rows) and the loss pass (the gradients plus one micro-batch's
+# activations: the kept logits and their gradient, the checkpointed layer inputs, one layer being
+# recomputed). The activation and cache figures are estimates, not measurements.
 def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens: int) -> dict:
     """Estimated bytes per GPU, one process per GPU; `model` may live on the meta device."""
     model_config, dtype = model.config, next(model.parameters()).dtype
@@ -1633,6 +1634,10 @@ def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
     rollout_rows = math.ceil(cfg.batch_size * cfg.num_generations / world_size)
     kv_cache = kv_bytes_per_token * max(rollout_rows * (prompt_tokens + cfg.max_completion_length),
                                         cfg.eval_batch_size * (prompt_tokens + cfg.eval_max_new_tokens))
+    static_kv_cache = 0  # a GPU's budget: there --compile_generation auto compiles
+    if cfg.compile_generation != "false":  # rollout rows and evaluation rows, each cache as long as the longer budget
+        static_kv_cache, kv_cache = kv_bytes_per_token * (rollout_rows + cfg.eval_batch_size) * (
+            prompt_tokens + max(cfg.max_completion_length, cfg.eval_max_new_tokens)), 0
     micro_batch = min(cfg.micro_batch_size, rollout_rows)  # a process never holds more rows than it generated
     tokens = micro_batch * (prompt_tokens + cfg.max_completion_length)
     layer_activations = tokens * (6 * hidden + 4 * model_config.intermediate_size) * weight_bytes
@@ -1642,8 +1647,9 @@ def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
     fp32_copies = 0 if dtype == torch.float32 else 4 * params / shards  # master weights, and their gradients
     budget = {"weights": params * weight_bytes, "master_weights": fp32_copies, "optimizer_state": 8 * params / shards,
               "reference_model": params * weight_bytes if cfg.beta > 0 else 0,
-              "gradients": params * weight_bytes + fp32_copies, "activations": activations, "kv_cache": kv_cache}
-    resident = sum(budget[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
+              "static_kv_cache": static_kv_cache, "gradients": params * weight_bytes + fp32_copies,
+              "activations": activations, "kv_cache": kv_cache}
+    resident = sum(budget[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model", "static_kv_cache"))
     budget["peak"] = resident + max(kv_cache, budget["gradients"] + activations)
     return {key: int(value) for key, value in budget.items()}
 
@@ -1662,6 +1668,8 @@ def memory_advice(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
         if world_size > 1 and not cfg.shard_optimizer else None,
         first(option(f"--micro_batch_size {m}", replace(cfg, micro_batch_size=m), world_size)  # the largest that fits
               for m in range(cfg.micro_batch_size - 1, 0, -1)),
+        option("--compile_generation false", replace(cfg, compile_generation="false"), world_size)
+        if cfg.compile_generation != "false" else None,
         first(option(f"{w} GPUs", replace(cfg, shard_optimizer=True), w) for w in (2, 4, 8, 16, 32, 64) if w > world_size),
     ]
     options = [o for o in options if o]
@@ -1675,10 +1683,10 @@ def memory_report(budget: dict, gpu_memory_gb: float | None) -> str:
     free for the CUDA context and allocator fragmentation)."""
     gb = {key: value / 1e9 for key, value in budget.items()}
     parts = " + ".join(f"{key.replace('_', ' ')} {gb[key]:.2f}" for key in
-                       ("weights", "master_weights", "optimizer_state", "reference_model"))
-    line = (f"memory budget per GPU (GB, estimated): {parts} resident; then the larger of generation (KV cache "
-            f"{gb['kv_cache']:.2f}) and the loss pass (gradients {gb['gradients']:.2f} + activations "
-            f"{gb['activations']:.2f}): peak {gb['peak']:.2f}")
+                       ("weights", "master_weights", "optimizer_state", "reference_model", "static_kv_cache"))
+    generation = f"the larger of generation (KV cache {gb['kv_cache']:.2f}) and " if budget["kv_cache"] else ""
+    line = (f"memory budget per GPU (GB, estimated): {parts} resident; then {generation}the loss pass (gradients "
+            f"{gb['gradients']:.2f} + activations {gb['activations']:.2f}): peak {gb['peak']:.2f}")
     if gpu_memory_gb is not None:
         line += f" | {gpu_memory_gb:.0f} GB GPUs: " + ("expected to fit" if expected_to_fit(budget, gpu_memory_gb)
                                                       else "expected NOT to fit")
