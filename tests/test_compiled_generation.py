@@ -211,6 +211,19 @@ def test_a_run_that_cannot_compile_says_so_and_decodes_eagerly(tmp_path, monkeyp
                         grpo.generate_completions(model, tokenizer, prompts, None, 8))
 
 
+def test_the_gpu_check_runs_on_a_tiny_model(tmp_path):
+    """tests/gpu_check.py --tiny, as a session with a GPU would run it without --tiny: every figure is printed."""
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "gpu_check.py"), "--tiny"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = dict(item.split("=", 1) for item in result.stdout.splitlines()[-1].removeprefix("GPUCHECK ").split())
+    assert list(figures) == ["eager_tok_s", "compiled_tok_s", "speedup", "step_s", "rollout_s", "reference_s",
+                             "update_s", "peak_gb", "budget_gb", "compile_s", "graphs", "device"]
+    assert all(float(figures[key]) > 0 for key in ("eager_tok_s", "compiled_tok_s", "step_s", "rollout_s", "peak_gb",
+                                                   "compile_s"))
+    assert figures["graphs"] == "1" and "graphs compiled after start-up (0 expected): 0" in result.stdout
+
+
 def test_the_flag_its_devices_and_the_cache_length(tokenizer):
     """auto compiles on CUDA only (CUDA graphs there, inductor's default mode elsewhere); a bad value is one line
     naming the flag; a call longer than the static cache is refused before generate() would fail midway."""
