@@ -459,7 +459,8 @@ class CompiledDecoding:
         start, graphs = time.perf_counter(), compiled_graph_count()
         try:
             for rows in sorted(set(row_counts)):
-                ids = tokenizer([prompt] * rows, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self.model.device)
+                ids = tokenizer([prompt] * rows, return_tensors="pt", add_special_tokens=False)["input_ids"]
+                ids = ids.to(self.model.device)
                 with eval_mode(self.model):  # min_new_tokens=2: the second token is a decoding step
                     self.model.generate(ids, attention_mask=torch.ones_like(ids), min_new_tokens=2,
                                         **decoding_kwargs(tokenizer, 2, None), **self.generate_kwargs(rows, ids.shape[1], 2))
@@ -475,15 +476,18 @@ class CompiledDecoding:
             self.caches.clear()
 
 
-def start_compiled_decoding(model, tokenizer, cfg: Config, train_examples: list[dict], eval_examples: list[dict]) -> CompiledDecoding:
+def start_compiled_decoding(model, tokenizer, cfg: Config, train_examples: list[dict],
+                            eval_examples: list[dict]) -> CompiledDecoding:
     """The run's CompiledDecoding, warmed up: a cache as long as the longest prompt plus its budget (of a rollout or
-    an evaluation answer), and two row counts: this process's rollout rows and its largest evaluation batch."""
+    an evaluation answer), and two row counts: this process's rollout rows and its largest evaluation batch.
+    Switches gradient checkpointing on first, if the run uses it (see below)."""
     max_cache_len = max(max(prompt_lengths(train_examples, tokenizer)) + cfg.max_completion_length,
                         max(prompt_lengths(eval_examples, tokenizer)) + cfg.eval_max_new_tokens)
     rollout = rows_of_this_process(cfg.batch_size * cfg.num_generations)
     eval_rows = min(cfg.eval_batch_size, math.ceil(len(eval_examples) / rank_and_world()[1]))
-    if cfg.gradient_checkpointing:  # now, not in train_with_grpo: the graph guards the flag (read even in eval mode,
-        # where it does nothing) and the hook it adds, so switching it on after compiling would compile again
+    if cfg.gradient_checkpointing and not model.is_activation_checkpointing:  # now, not in train_with_grpo: the graph
+        # guards the flag (read even in eval mode, where it does nothing) and the hook it adds, so switching it on
+        # after compiling would compile again
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     decoding = CompiledDecoding(model, max_cache_len)
     decoding.warm_up(tokenizer, train_examples[0]["prompt"], [rollout.stop - rollout.start, eval_rows])
@@ -1883,7 +1887,9 @@ def run(cfg: Config, argv: list[str]) -> dict:
             print(memory_advice(model, cfg, world_size, prompt_tokens, gpu_memory_gb))
     # Compiled decoding compiles here, once, before the first evaluation; its seconds are printed and kept.
     graphs_at_start = compiled_graph_count()
-    decoding = start_compiled_decoding(model, tokenizer, cfg, train_examples, eval_examples) if use_compiled_decoding(cfg, device) else None
+    decoding = None
+    if use_compiled_decoding(cfg, device):
+        decoding = start_compiled_decoding(model, tokenizer, cfg, train_examples, eval_examples)
     if decoding is not None and decoding.fallback:  # every process that cannot compile says so
         print(f"{f'rank {rank}: ' if world_size > 1 else ''}warning: compiled decoding (--compile_generation "
               f"{cfg.compile_generation}) is not possible here, decoding eagerly: {decoding.fallback}")
