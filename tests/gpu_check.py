@@ -35,6 +35,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen2 and a 2 x 4 x 16 shape, on any device")
+    parser.add_argument("--attn", help="attention implementation (default: the trainer's choice, flash_attention_2 "
+                                       "where flash-attn imports, else sdpa)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("error: no CUDA device is visible (on a CPU, --tiny runs the check on a tiny model)")
@@ -49,13 +51,13 @@ def main():
                           eval_batch_size=8, eval_max_new_tokens=16)
         model = tiny.tiny_model(tokenizer).to(device)
     else:
-        cfg = grpo.Config()  # the tutorial's recipe: 7 x 12 x 400, micro-batches of 12, beta 0.04
+        cfg = grpo.Config(attn_implementation=args.attn or "auto")  # the tutorial's 7 x 12 x 400, micro-batches of 12
         torch.manual_seed(0)
         config = Qwen2Config(**QWEN25_15B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         model = AutoModelForCausalLM.from_config(config, dtype=grpo.resolve_dtype(cfg, device),
                                                  attn_implementation=grpo.resolve_attention(cfg, device)).to(device)
     cfg = replace(cfg, num_steps=2, eval_steps=0, report_to="none", save_steps=10**6, log_completions_steps=10**6,
-                       compile_generation="true")
+                  compile_generation="true")
     examples = [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
                  "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in tiny.word_problems(64, seed=3)]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -64,7 +66,8 @@ def main():
 
     decoding = grpo.start_compiled_decoding(model, tokenizer, cfg, examples, examples)
     if decoding.fallback:
-        sys.exit(f"error: compiled decoding is not possible here: {decoding.fallback}")
+        sys.exit(f"error: compiled decoding is not possible here: {decoding.fallback} (with flash_attention_2, "
+                 f"try --attn sdpa)")
     print(f"compile: {decoding.graphs} graph(s) for rows {sorted(decoding.caches)}, a static KV cache of "
           f"{decoding.max_cache_len} tokens, mode {decoding.compile_config.mode}: {decoding.seconds:.1f} s", flush=True)
     graphs = grpo.compiled_graph_count()
