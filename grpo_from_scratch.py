@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CompileConfig, HfArgumentParser, PreTrainedModel, StaticCache
 
 
 # Help texts go through argparse's %-formatting: write "percent", never a bare percent sign.
@@ -83,6 +84,7 @@ class Config:
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 if flash-attn imports on CUDA, else sdpa), flash_attention_2, sdpa or eager."})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPUs that support it, else float32), bfloat16 or float32. float16 is refused: Qwen2.5 overflows in it."})
     shard_optimizer: bool = field(default=True, metadata={"help": "With N processes, each keeps the fp32 master weights and AdamW state of 1/N of the parameters (ZeRO-1); no effect with one."})
+    compile_generation: str = field(default="auto", metadata={"help": "auto (on with CUDA, off on a CPU), true or false: rollouts and evaluation decode with a static KV cache and a torch.compile'd decoding step (CUDA graphs on GPUs), compiled once at start-up; where compiling is not possible the run says so and decodes eagerly."})
     num_processes: int | None = field(default=None, metadata={"help": "Data-parallel processes, one per GPU; unset = every visible GPU (1 on a CPU). Above 1, plain python starts them with torch's launcher (gloo on a CPU). Ignored under torchrun."})
     # Run bookkeeping.
     seed: int = field(default=42, metadata={"help": "Seed of python, numpy and torch, and of the prompt order."})
@@ -137,6 +139,8 @@ def validate_config(cfg: Config) -> None:
         (cfg.dtype != "float16", "--dtype float16 is refused: Qwen2.5 overflows in fp16 and emits '!!!!'; use bfloat16 or float32"),
         (cfg.dtype in ("auto", "bfloat16", "float32", "float16"), f"--dtype must be auto, bfloat16 or float32 (got {cfg.dtype!r})"),
         (cfg.report_to in ("wandb", "none"), f"--report_to must be wandb or none (got {cfg.report_to!r})"),
+        (cfg.compile_generation in ("auto", "true", "false"),
+         f"--compile_generation must be auto, true or false (got {cfg.compile_generation!r})"),
         (cfg.run_name is None or (cfg.run_name.strip() and "/" not in cfg.run_name and cfg.run_name not in (".", "..")),
          f"--run_name must be a plain folder name (got {cfg.run_name!r})"),
         (cfg.num_processes is None or cfg.num_processes >= 1, f"--num_processes must be >= 1 (got {cfg.num_processes})"),
@@ -173,7 +177,7 @@ def launch_world_size(cfg: Config) -> int:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Returns (rank, world_size, device) and joins the process group when started by a launcher.
+    """Returns (rank, world_size, device) and joins the process group when started by a launcher."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         # Import torch.distributed.optim (ZeroRedundancyOptimizer) before joining the group: it imports
@@ -410,17 +414,114 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+# Compiled decoding (--compile_generation). Decoding a token is one forward pass over [rows, 1] inputs; for a
+# 1.5B model on a GPU its time is framework overhead (Python and hundreds of small kernel launches per token), not
+# arithmetic. With a static KV cache every decoding step has the same shapes, so torch.compile can turn the step
+# into one graph and, on CUDA, replay it as a CUDA graph (mode "reduce-overhead"). generate() compiles only the
+# decoding step (the prefill runs eagerly), so a graph depends on the row count and the cache length alone: one
+# cache length for the run and fixed row counts (a short batch padded with copies of a real row) compile once.
+def use_compiled_decoding(cfg: Config, device: torch.device) -> bool:
+    """--compile_generation: auto is on with CUDA, off on a CPU (where it was measured no faster: README, Performance)."""
+    return cfg.compile_generation == "true" or (cfg.compile_generation == "auto" and device.type == "cuda")
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process (dynamo's counter: internal to torch, but long-stable)."""
+    return counters["stats"]["unique_graphs"]
+
+
+class CompiledDecoding:
+    """What generate() needs to decode compiled: a StaticCache of max_cache_len tokens per row count, kept for the
+    whole run and reset before each call (a CUDA graph replays on fixed addresses), and the CompileConfig under
+    which generate() compiles its decoding step. warm_up compiles every row count a run uses; where that fails,
+    or builds no graph, `enabled` turns False, `fallback` says why, and every call decodes eagerly."""
+
+    def __init__(self, model: nn.Module, max_cache_len: int):
+        self.model, self.max_cache_len = model, max_cache_len
+        on_cuda = model.device.type == "cuda"
+        self.compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else "default")
+        if not on_cuda:
+            # generate() compiles only on accelerators; this private switch (transformers' own tests use it) lets it
+            # compile on a CPU too. Only --compile_generation true gets here: tests, and measurements.
+            self.compile_config._compile_all_devices = True
+        self.caches: dict[int, StaticCache] = {}
+        self.enabled, self.fallback, self.seconds, self.graphs = True, None, 0.0, 0
+
+    def rows_for(self, rows: int) -> int:
+        """The row count a batch of `rows` is padded to: the fewest compiled rows that hold it, else its own."""
+        return min((r for r in self.caches if r >= rows), default=rows) if self.enabled else rows
+
+    def generate_kwargs(self, rows: int, width: int, max_new_tokens: int) -> dict:
+        if not self.enabled:
+            return {}
+        if width + max_new_tokens > self.max_cache_len:  # a static cache does not grow: generate would fail midway
+            raise ValueError(f"prompts of {width} tokens + {max_new_tokens} new tokens exceed the static KV cache "
+                             f"({self.max_cache_len} tokens)")
+        if rows not in self.caches:
+            self.caches[rows] = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        self.caches[rows].reset()
+        return {"cache": self.caches[rows], "compile_config": self.compile_config}
+
+    def warm_up(self, tokenizer, prompt: str, row_counts: list[int]) -> None:
+        """Compile the decoding step of each row count now, by two greedy tokens of `prompt` per row; timed."""
+        start, graphs = time.perf_counter(), compiled_graph_count()
+        try:
+            for rows in sorted(set(row_counts)):
+                ids = tokenizer([prompt] * rows, return_tensors="pt", add_special_tokens=False)["input_ids"]
+                ids = ids.to(self.model.device)
+                with eval_mode(self.model):  # min_new_tokens=2: the second token is a decoding step
+                    self.model.generate(ids, attention_mask=torch.ones_like(ids), min_new_tokens=2,
+                                        **decoding_kwargs(tokenizer, 2, None), **self.generate_kwargs(rows, ids.shape[1], 2))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # dynamo's and inductor's errors, and torch.compile's refusals, are RuntimeErrors
+            self.fallback = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        self.seconds, self.graphs = time.perf_counter() - start, compiled_graph_count() - graphs
+        if self.fallback is None and self.graphs == 0:
+            self.fallback = "generate() built no compiled graph (transformers did not compile the model)"
+        if self.fallback is not None:
+            self.enabled = False
+            self.caches.clear()
+
+
+def start_compiled_decoding(model, tokenizer, cfg: Config, train_examples: list[dict],
+                            eval_examples: list[dict]) -> CompiledDecoding:
+    """The run's CompiledDecoding, warmed up: a cache as long as the longest prompt plus its budget (of a rollout or
+    an evaluation answer), and two row counts: this process's rollout rows and its largest evaluation batch.
+    Switches gradient checkpointing on first, if the run uses it (see below)."""
+    max_cache_len = max(max(prompt_lengths(train_examples, tokenizer)) + cfg.max_completion_length,
+                        max(prompt_lengths(eval_examples, tokenizer)) + cfg.eval_max_new_tokens)
+    rollout = rows_of_this_process(cfg.batch_size * cfg.num_generations)
+    eval_rows = min(cfg.eval_batch_size, math.ceil(len(eval_examples) / rank_and_world()[1]))
+    if cfg.gradient_checkpointing and not model.is_activation_checkpointing:  # now, not in train_with_grpo: the graph
+        # guards the flag (read even in eval mode, where it does nothing) and the hook it adds, so switching it on
+        # after compiling would compile again
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    decoding = CompiledDecoding(model, max_cache_len)
+    decoding.warm_up(tokenizer, train_examples[0]["prompt"], [rollout.stop - rollout.start, eval_rows])
+    return decoding
+
+
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], temperature: float | None, max_new_tokens: int) -> dict:
+def generate_completions(model, tokenizer, prompts: list[str], temperature: float | None, max_new_tokens: int,
+                         decoding: CompiledDecoding | None = None) -> dict:
     """Batched, left-padded generation on the model's own device. Returns prompt_ids/prompt_mask
     (left-padded), completion_ids/completion_mask (trimmed to the longest completion), completions
-    (decoded text), lengths and truncated (hit the budget without a stop token)."""
+    (decoded text), lengths and truncated (hit the budget without a stop token). With `decoding`, it
+    decodes compiled; a batch shorter than a compiled row count is padded to it and the copies dropped."""
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    kwargs = decoding_kwargs(tokenizer, max_new_tokens, temperature)
+    ids, mask = prompt_ids, prompt_mask
+    if decoding is not None:
+        # Copies of the last real row, never all-padding rows (attending to nothing gives NaN); greedy copies stop with it.
+        extra = decoding.rows_for(len(prompts)) - len(prompts)
+        ids, mask = torch.cat([ids, ids[-1:].expand(extra, -1)]), torch.cat([mask, mask[-1:].expand(extra, -1)])
+        kwargs.update(decoding.generate_kwargs(len(ids), ids.shape[1], max_new_tokens))
     with eval_mode(model):
-        output = model.generate(prompt_ids, attention_mask=prompt_mask, **decoding_kwargs(tokenizer, max_new_tokens, temperature))
-    completion_ids = output[:, prompt_ids.shape[1]:]
+        output = model.generate(ids, attention_mask=mask, **kwargs)
+    completion_ids = output[:len(prompts), prompt_ids.shape[1]:]
     stop_ids = stop_token_ids(tokenizer)
     completion_mask = create_completion_mask(completion_ids, stop_ids)
     lengths = completion_mask.sum(1)
@@ -440,14 +541,14 @@ def generate_completions(model, tokenizer, prompts: list[str], temperature: floa
 # answer inside the tags. With several processes each evaluates every N-th question, batch_size
 # at a time, and the records are gathered.
 def evaluate_model(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 512,
-                   desc: str = "eval") -> dict:
+                   desc: str = "eval", decoding: CompiledDecoding | None = None) -> dict:
     rank, world = rank_and_world()
     shard = list(range(rank, len(examples), world))
     shard.sort(key=lambda i: -len(examples[i]["prompt"]))
     records = []
     for start in tqdm(range(0, len(shard), batch_size), desc=desc, disable=not is_main_process(), leave=False):
         batch = [examples[i] for i in shard[start:start + batch_size]]
-        out = generate_completions(model, tokenizer, [ex["prompt"] for ex in batch], None, max_new_tokens)
+        out = generate_completions(model, tokenizer, [ex["prompt"] for ex in batch], None, max_new_tokens, decoding)
         for i, ex, completion, truncated in zip(shard[start:], batch, out["completions"], out["truncated"].tolist()):
             records.append(score_answer(i, ex, completion, truncated))
     records = sorted(all_gather_list(records), key=lambda r: r["index"])
@@ -480,13 +581,13 @@ def eval_subset(num_examples: int, size: int) -> list[int]:
 
 
 def evaluate_at_step(model, tokenizer, eval_examples: list[dict], indices: list[int], cfg: Config, step: int,
-                     logger=None) -> dict:
+                     logger=None, decoding: CompiledDecoding | None = None) -> dict:
     """evaluate_model on eval_examples[indices] at a training step; logged and returned as one line of
     eval_steps.jsonl: the step, the rates, n, seconds, and per question its index in the eval split and
     whether it was answered right (lenient), so two steps can be compared question by question."""
     start = time.perf_counter()
     result = evaluate_model(model, tokenizer, [eval_examples[i] for i in indices], cfg.eval_batch_size,
-                            cfg.eval_max_new_tokens, f"eval step {step}")
+                            cfg.eval_max_new_tokens, f"eval step {step}", decoding)
     record = {"step": step, **{key: result[key] for key in ("accuracy", "strict_accuracy", "format_rate", "truncation_rate", "n")},
               "seconds": time.perf_counter() - start, "indices": [indices[r["index"]] for r in result["records"]],
               "correct": [int(r["correct"]) for r in result["records"]]}
@@ -1103,7 +1204,7 @@ def extra_prompt_indices(num_examples: int, step: int, call: int, batch_size: in
 
 
 def sample_step(model, tokenizer, train_examples: list[dict], cfg: Config, step: int, reward_funcs: dict,
-                reward_weights: list[float], device: torch.device) -> dict:
+                reward_weights: list[float], device: torch.device, decoding=None) -> dict:
     """This process's rows of the step: rollout, examples (one per row) and rows (its slice of the step's
     rows); the whole step's rewards_per_func; extra_rollouts, dropped_groups and generated_tokens."""
     draws, signal_groups = [], 0
@@ -1114,7 +1215,7 @@ def sample_step(model, tokenizer, train_examples: list[dict], cfg: Config, step:
         rows = rows_of_this_process(len(groups) * cfg.num_generations)
         examples = [groups[row // cfg.num_generations] for row in range(rows.start, rows.stop)]
         rollout = generate_completions(model, tokenizer, [ex["prompt"] for ex in examples], cfg.temperature,
-                                       cfg.max_completion_length)
+                                       cfg.max_completion_length, decoding)
         rewards_per_func = all_gather_rows(score_completions(reward_funcs, rollout["completions"], [ex["answer"] for ex in examples],
                                                              rollout["lengths"].tolist()).to(device)).cpu()
         draws.append({"groups": groups, "rollout": rollout, "examples": examples, "rows": rows,
@@ -1202,10 +1303,12 @@ STOP_SIGNALS: list[str] = []  # filled by the SIGINT/SIGTERM handler; checked af
 
 def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, run_dir: Path | None = None,
                     reward_funcs: dict | None = None, logger=None, reference_model: nn.Module | None = None,
-                    resume_state: dict | None = None, eval_examples: list[dict] | None = None) -> nn.Module:
+                    resume_state: dict | None = None, eval_examples: list[dict] | None = None,
+                    decoding: CompiledDecoding | None = None) -> nn.Module:
     """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
     from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint;
-    with eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them."""
+    with eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them;
+    decoding (a CompiledDecoding) makes rollouts and those evaluations decode compiled."""
     if reward_funcs is None:
         reward_funcs, reward_weights = load_reward_funcs(cfg.reward_funcs, cfg.reward_weights, cfg.max_completion_length,
                                                          cfg.overlong_buffer)
@@ -1213,7 +1316,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         reward_weights = parse_reward_weights(cfg.reward_weights, len(reward_funcs))
     device = next(model.parameters()).device
     eval_indices = eval_subset(len(eval_examples), cfg.eval_subset_size) if eval_examples and cfg.eval_steps else []
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not model.is_activation_checkpointing:  # once: each call adds a hook
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = make_optimizer(model, cfg)
@@ -1237,7 +1340,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
 
         # Rollout and rewards: this process generates and scores its rows of the step; the rewards of
         # the whole step are gathered, so each group's advantages come from all of its completions.
-        sampled = sample_step(model, tokenizer, train_examples, cfg, step, reward_funcs, reward_weights, device)
+        sampled = sample_step(model, tokenizer, train_examples, cfg, step, reward_funcs, reward_weights, device, decoding)
         rollout, rewards_per_func = sampled["rollout"], sampled["rewards_per_func"]
         rollout_time = time.perf_counter() - step_start
         rewards = weighted_reward(rewards_per_func, reward_weights)
@@ -1280,7 +1383,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         # then implies every evaluation up to s is on record, and a resume from s redoes those after s
         # (RunLogger drops their lines). Greedy decoding draws no random numbers: training is unchanged.
         if eval_indices and step % cfg.eval_steps == 0:
-            evaluate_at_step(model, tokenizer, eval_examples, eval_indices, cfg, step, logger)
+            evaluate_at_step(model, tokenizer, eval_examples, eval_indices, cfg, step, logger, decoding)
 
         stop_reason = None
         if state["nonfinite_in_a_row"] >= 3:
@@ -1619,10 +1722,11 @@ def plot_curves(run_dir: Path) -> None:
 # What each GPU must hold, estimated before anything runs (from the loaded model, the process count
 # and the flags) so a run says up front whether it fits. Always resident: the weights, fp32 master
 # weights and AdamW's two fp32 moments (1/N of them with --shard_optimizer over N processes), the
-# reference model. On top, the larger of two peaks: generation (the KV cache of this process's rollout
-# or evaluation rows) and the loss pass (the gradients plus one micro-batch's activations: the kept
-# logits and their gradient, the checkpointed layer inputs, one layer being recomputed). The
-# activation and cache figures are estimates, not measurements.
+# reference model, and with compiled decoding (on by default on GPUs) its two static KV caches, kept for
+# the whole run. On top, the larger of two peaks: generation (eager decoding's KV cache of this
+# process's rollout or evaluation rows) and the loss pass (the gradients plus one micro-batch's
+# activations: the kept logits and their gradient, the checkpointed layer inputs, one layer being
+# recomputed). The activation and cache figures are estimates, not measurements.
 def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens: int) -> dict:
     """Estimated bytes per GPU, one process per GPU; `model` may live on the meta device."""
     model_config, dtype = model.config, next(model.parameters()).dtype
@@ -1634,6 +1738,10 @@ def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
     rollout_rows = math.ceil(cfg.batch_size * cfg.num_generations / world_size)
     kv_cache = kv_bytes_per_token * max(rollout_rows * (prompt_tokens + cfg.max_completion_length),
                                         cfg.eval_batch_size * (prompt_tokens + cfg.eval_max_new_tokens))
+    static_kv_cache = 0  # a GPU's budget: there --compile_generation auto compiles
+    if cfg.compile_generation != "false":  # rollout rows and evaluation rows, each cache as long as the longer budget
+        static_kv_cache, kv_cache = kv_bytes_per_token * (rollout_rows + cfg.eval_batch_size) * (
+            prompt_tokens + max(cfg.max_completion_length, cfg.eval_max_new_tokens)), 0
     micro_batch = min(cfg.micro_batch_size, rollout_rows)  # a process never holds more rows than it generated
     tokens = micro_batch * (prompt_tokens + cfg.max_completion_length)
     layer_activations = tokens * (6 * hidden + 4 * model_config.intermediate_size) * weight_bytes
@@ -1643,8 +1751,9 @@ def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
     fp32_copies = 0 if dtype == torch.float32 else 4 * params / shards  # master weights, and their gradients
     budget = {"weights": params * weight_bytes, "master_weights": fp32_copies, "optimizer_state": 8 * params / shards,
               "reference_model": params * weight_bytes if cfg.beta > 0 else 0,
-              "gradients": params * weight_bytes + fp32_copies, "activations": activations, "kv_cache": kv_cache}
-    resident = sum(budget[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model"))
+              "static_kv_cache": static_kv_cache, "gradients": params * weight_bytes + fp32_copies,
+              "activations": activations, "kv_cache": kv_cache}
+    resident = sum(budget[k] for k in ("weights", "master_weights", "optimizer_state", "reference_model", "static_kv_cache"))
     budget["peak"] = resident + max(kv_cache, budget["gradients"] + activations)
     return {key: int(value) for key, value in budget.items()}
 
@@ -1663,6 +1772,8 @@ def memory_advice(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
         if world_size > 1 and not cfg.shard_optimizer else None,
         first(option(f"--micro_batch_size {m}", replace(cfg, micro_batch_size=m), world_size)  # the largest that fits
               for m in range(cfg.micro_batch_size - 1, 0, -1)),
+        option("--compile_generation false", replace(cfg, compile_generation="false"), world_size)
+        if cfg.compile_generation != "false" else None,
         first(option(f"{w} GPUs", replace(cfg, shard_optimizer=True), w) for w in (2, 4, 8, 16, 32, 64) if w > world_size),
     ]
     options = [o for o in options if o]
@@ -1676,10 +1787,10 @@ def memory_report(budget: dict, gpu_memory_gb: float | None) -> str:
     free for the CUDA context and allocator fragmentation)."""
     gb = {key: value / 1e9 for key, value in budget.items()}
     parts = " + ".join(f"{key.replace('_', ' ')} {gb[key]:.2f}" for key in
-                       ("weights", "master_weights", "optimizer_state", "reference_model"))
-    line = (f"memory budget per GPU (GB, estimated): {parts} resident; then the larger of generation (KV cache "
-            f"{gb['kv_cache']:.2f}) and the loss pass (gradients {gb['gradients']:.2f} + activations "
-            f"{gb['activations']:.2f}): peak {gb['peak']:.2f}")
+                       ("weights", "master_weights", "optimizer_state", "reference_model", "static_kv_cache"))
+    generation = f"the larger of generation (KV cache {gb['kv_cache']:.2f}) and " if budget["kv_cache"] else ""
+    line = (f"memory budget per GPU (GB, estimated): {parts} resident; then {generation}the loss pass (gradients "
+            f"{gb['gradients']:.2f} + activations {gb['activations']:.2f}): peak {gb['peak']:.2f}")
     if gpu_memory_gb is not None:
         line += f" | {gpu_memory_gb:.0f} GB GPUs: " + ("expected to fit" if expected_to_fit(budget, gpu_memory_gb)
                                                       else "expected NOT to fit")
@@ -1870,18 +1981,32 @@ def run(cfg: Config, argv: list[str]) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"run folder {run_dir} | {world_size} process(es), one {device.type} device each | "
               f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
+              f"decoding {'compiled' if use_compiled_decoding(cfg, device) else 'eager'} | "
               f"{len(train_examples)} train / {len(eval_examples)} eval questions"
               + (f" | resuming from {checkpoint or 'step 0 (no checkpoint yet)'}" if cfg.resume else ""))
         print(memory_report(budget, gpu_memory_gb))
         if gpu_memory_gb is not None and not expected_to_fit(budget, gpu_memory_gb):
             print(memory_advice(model, cfg, world_size, prompt_tokens, gpu_memory_gb))
-        if not cfg.resume:
-            (run_dir / "config.json").write_text(json.dumps(
-                {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size,
-                 "memory_budget_bytes": budget, "gpu_memory_gb": gpu_memory_gb, "longest_train_prompt_tokens": prompt_tokens,
-                 "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
-                 "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
-                indent=2))
+    # Compiled decoding compiles here, once, before the first evaluation; its seconds are printed and kept.
+    graphs_at_start = compiled_graph_count()
+    decoding = None
+    if use_compiled_decoding(cfg, device):
+        decoding = start_compiled_decoding(model, tokenizer, cfg, train_examples, eval_examples)
+    if decoding is not None and decoding.fallback:  # every process that cannot compile says so
+        print(f"{f'rank {rank}: ' if world_size > 1 else ''}warning: compiled decoding (--compile_generation "
+              f"{cfg.compile_generation}) is not possible here, decoding eagerly: {decoding.fallback}")
+    elif decoding is not None and is_main:
+        print(f"compiled decoding: {decoding.graphs} graph(s) for rows {sorted(decoding.caches)}, a static KV cache of "
+              f"{decoding.max_cache_len} tokens; compiled in {decoding.seconds:.1f} s at start-up")
+    compiled = decoding is not None and decoding.enabled
+    if is_main and not cfg.resume:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size,
+             "memory_budget_bytes": budget, "gpu_memory_gb": gpu_memory_gb, "longest_train_prompt_tokens": prompt_tokens,
+             "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
+             "resolved_compile_generation": compiled,
+             "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
+            indent=2))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.exists() else {}
     resume_step = resume_state["trainer_state"]["step"] if checkpoint else 0
@@ -1889,7 +2014,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
     started = time.perf_counter()
 
     def evaluate_and_record(when: str) -> None:
-        result = evaluate_model(model, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}")
+        result = evaluate_model(model, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}",
+                                decoding)
         if is_main:
             write_jsonl(run_dir / f"eval_{when}.jsonl", result.pop("records"))
             summary[when] = result
@@ -1905,7 +2031,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     with stop_after_step():
         try:
             train_with_grpo(model, tokenizer, train_examples, cfg, run_dir, logger=logger, reference_model=reference_model,
-                            resume_state=resume_state, eval_examples=eval_examples)
+                            resume_state=resume_state, eval_examples=eval_examples, decoding=decoding)
         except TrainingStopped as stopped:
             if is_main:
                 logger.draw_curves(final=True)
@@ -1920,6 +2046,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
         tokens = sum(r["tokens_per_second"] * r["rollout_time"] for r in records)
         summary.update({"steps": len(records), "world_size": world_size, "train_seconds": sum(r["step_time"] for r in records),
                         "tokens_per_second": tokens / max(rollout_seconds, 1e-9), "replica_checksums": checksums,
+                        "compile_generation": compiled, "compile_seconds": decoding.seconds if compiled else None,
+                        "compiled_graphs": compiled_graph_count() - graphs_at_start,
                         "wall_seconds_this_process": time.perf_counter() - started})
         evaluations = read_jsonl(run_dir / "eval_steps.jsonl")
         if evaluations:  # the best periodic evaluation (the earliest on ties) and the last one

@@ -52,7 +52,8 @@ def main():
     print("| `python grpo_from_scratch.py` | GPUs | completions per GPU | peak GB | "
           + " | ".join(f"{gb} GB cards" for gb in GPU_SIZES_GB) + " |")
     print("|---|---|---|---|" + "---|" * len(GPU_SIZES_GB))
-    for name, cfg in (("default", default), ("`--shard_optimizer False`", replace(default, shard_optimizer=False))):
+    for name, cfg in (("default", default), ("`--compile_generation false`", replace(default, compile_generation="false")),
+                      ("`--shard_optimizer False`", replace(default, shard_optimizer=False))):
         for gpus in (1, 2, 4, 8):
             if gpus == 1 and not cfg.shard_optimizer:
                 continue  # one process: nothing to shard

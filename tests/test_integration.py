@@ -20,6 +20,7 @@ import torch.nn as nn
 
 import grpo_from_scratch as grpo
 import tiny
+from tiny import RecordingLogger, prompts_of_varied_length, stopping_model
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_TOKENIZER = tiny.SHARED_DATA / "qwen2.5-tokenizer"
@@ -35,24 +36,6 @@ PERIODIC_KEYS = {"step", "accuracy", "strict_accuracy", "format_rate", "truncati
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny.build_tokenizer()
-
-
-def stopping_model(tokenizer, stop_bias=2.5, tag_bias=2.0):
-    """The tiny model with an output bias towards both stop tokens (and the answer tags), so a short
-    rollout has completions that stop on either id and completions that hit the length limit."""
-    model = tiny.tiny_model(tokenizer).eval()
-    bias = torch.zeros(len(tokenizer))
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        bias[tokenizer.convert_tokens_to_ids(token)] = stop_bias
-    for token in tiny.TAG_TOKENS:
-        bias[tokenizer.convert_tokens_to_ids(token)] = tag_bias
-    model.lm_head.bias = nn.Parameter(bias, requires_grad=False)
-    return model
-
-
-def prompts_of_varied_length(tokenizer, count=3):
-    questions = [row["question"] for row in tiny.word_problems(count - 1, seed=5)] + ["Hi?"]
-    return [grpo.build_prompt(q, tokenizer) for q in questions]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +201,7 @@ def test_evaluate_model_lenient_vs_strict(monkeypatch, tokenizer):
     }
     calls = []
 
-    def fake_generate(model, tok, prompts, temperature, max_new_tokens):
+    def fake_generate(model, tok, prompts, temperature, max_new_tokens, decoding=None):
         calls.append((len(prompts), temperature, max_new_tokens))
         return {"completions": [canned[p][0] for p in prompts],
                 "truncated": torch.tensor([canned[p][1] for p in prompts])}
@@ -318,17 +301,6 @@ def test_run_logger_records_periodic_evaluations(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Training in process
 # --------------------------------------------------------------------------------------------
-class RecordingLogger:
-    def __init__(self):
-        self.steps, self.completions = [], []
-
-    def log_step(self, metrics):
-        self.steps.append(metrics)
-
-    def log_completions(self, step, example, rollout, rewards, rewards_per_func, func_names, advantages):
-        self.completions.append((step, list(rollout["completions"]), rewards_per_func.clone(), advantages.clone()))
-
-
 def char_length_reward(completions, answers):
     """Varied rewards even for equal token counts, so advantages are non-zero."""
     return [float(len(c)) for c in completions]
@@ -426,7 +398,7 @@ def test_mask_truncated_completions_leaves_cut_off_completions_out_of_the_loss(m
         cfg = grpo.Config(num_steps=1, batch_size=2, num_generations=4, max_completion_length=12, micro_batch_size=8,
                           beta=0.0, report_to="none", mask_truncated_completions=masked, gradient_checkpointing=False)
         torch.manual_seed(0)
-        grpo.train_with_grpo(stopping_model(tokenizer, stop_bias=3.0).train(), tokenizer, train_examples(tokenizer), cfg,
+        grpo.train_with_grpo(stopping_model(tokenizer, stop_bias=(3.0, 3.0)).train(), tokenizer, train_examples(tokenizer), cfg,
                              reward_funcs={"chars": char_length_reward}, logger=RecordingLogger())
         rollout, mask = seen
         truncated = rollout["truncated"]

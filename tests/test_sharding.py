@@ -134,7 +134,14 @@ def test_memory_budget_counts_the_loaded_model(bf16_model):
     assert grpo.memory_budget(bf16_model, grpo.Config(beta=0.0), 1, 50)["reference_model"] == 0
     # More tokens, more activations and KV cache; fp32 models keep no separate master copy.
     base, longer = (grpo.memory_budget(bf16_model, grpo.Config(max_completion_length=n), 1, 50) for n in (400, 800))
-    assert longer["activations"] > base["activations"] and longer["kv_cache"] > base["kv_cache"]
+    assert longer["activations"] > base["activations"] and longer["static_kv_cache"] > base["static_kv_cache"]
+    # Compiled decoding (a GPU's default) keeps its two static caches for the whole run, resident beside the loss
+    # pass: 84 rollout and 64 evaluation rows of 50 + 512 tokens; eager decoding holds one cache while generating.
+    eager = grpo.memory_budget(bf16_model, grpo.Config(compile_generation="false"), 1, 50)
+    kv_per_token = 2 * 2 * 2 * 16 * 2  # K and V, 2 layers, 2 KV heads of 16 dimensions, bf16
+    assert base["static_kv_cache"] == kv_per_token * (84 + 64) * (50 + 512) and base["kv_cache"] == 0
+    assert eager["static_kv_cache"] == 0 and eager["kv_cache"] == kv_per_token * max(84 * (50 + 400), 64 * (50 + 512))
+    assert base["peak"] - eager["peak"] == base["static_kv_cache"]  # the loss pass outweighs the eager cache here
     assert grpo.memory_budget(copy.deepcopy(bf16_model).float(), cfg, 1, 50)["master_weights"] == 0
     # The step's rows are split over the processes, and a process never holds a micro-batch larger than its rows:
     # 84 completions over 8 processes are 11 each, so the default micro-batch of 12 shrinks to 11.
@@ -146,10 +153,12 @@ def test_memory_budget_counts_the_loaded_model(bf16_model):
 def test_memory_report_says_whether_it_fits_and_what_to_change(bf16_model):
     budget = {key: int(gb * 1e9) for key, gb in {
         "weights": 3.1, "master_weights": 6.2, "optimizer_state": 12.3, "reference_model": 3.1, "gradients": 9.3,
-        "activations": 4.3, "kv_cache": 1.4, "peak": 38.2}.items()}
+        "static_kv_cache": 0.0, "activations": 4.3, "kv_cache": 1.4, "peak": 38.2}.items()}
     assert grpo.memory_report(budget, 80.0).endswith("80 GB GPUs: expected to fit")
     assert grpo.memory_report(budget, 24.0).endswith("24 GB GPUs: expected NOT to fit")
     assert grpo.memory_report(budget, None).endswith("peak 38.20")
+    static = {**budget, "static_kv_cache": budget["kv_cache"], "kv_cache": 0}  # compiled decoding's caches are resident
+    assert "reference model 3.10 + static kv cache 1.40 resident; then the loss pass (gradients 9.30" in grpo.memory_report(static, None)
     # Advice: each option is a change whose own budget fits, with its peak. The tiny model's budget in GB:
     gb = lambda cfg, world: grpo.memory_budget(bf16_model, cfg, world, 50)["peak"] / 1e9  # noqa: E731
     cfg = grpo.Config(max_completion_length=4000, eval_max_new_tokens=64)  # activations dominate the peak

@@ -4,7 +4,8 @@
   pre-tokenizer, Qwen's special tokens (<|endoftext|> as pad, <|im_start|>, <|im_end|> as eos), the
   answer tags as single tokens and a Qwen-style chat template. Decoding is exact, so newlines and tags
   survive round trips, and a saved copy loads back (as Qwen2Tokenizer) with the same ids.
-- `tiny_model`: a randomly initialised Qwen2ForCausalLM sized for a CPU.
+- `tiny_model`: a randomly initialised Qwen2ForCausalLM sized for a CPU; `stopping_model`, one that often
+  emits either stop token, so a short rollout has early stops and truncated rows.
 - `word_problems`: GSM8K-format rows ("... #### 7") from a seeded generator.
 - `write_run_inputs`: a model folder plus train/eval jsonl, what `python grpo_from_scratch.py` needs offline.
 """
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -78,6 +80,43 @@ def tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0,
                          max_position_embeddings=512, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
     return Qwen2ForCausalLM(config).float()
+
+
+def stopping_model(tokenizer, stop_bias=(2.5, 2.5), tag_bias=2.0, **overrides):
+    """The tiny model (overrides go to tiny_model) with an output bias towards the stop tokens <|im_end|> and
+    <|endoftext|> (stop_bias, in that order) and the answer tags, so a short rollout has completions that stop
+    on either id and completions that hit the length limit. Greedy decoding needs larger logits for that:
+    initializer_range=0.3 and stop_bias=(3.0, 4.5) (<|endoftext|> is the padding token, whose embedding row
+    starts at zero: its logit is its bias alone)."""
+    model = tiny_model(tokenizer, **overrides).eval()
+    bias = torch.zeros(len(tokenizer))
+    for token, value in zip(("<|im_end|>", "<|endoftext|>"), stop_bias):
+        bias[tokenizer.convert_tokens_to_ids(token)] = value
+    for token in TAG_TOKENS:
+        bias[tokenizer.convert_tokens_to_ids(token)] = tag_bias
+    model.lm_head.bias = nn.Parameter(bias, requires_grad=False)
+    return model
+
+
+def prompts_of_varied_length(tokenizer, count=3):
+    questions = [row["question"] for row in word_problems(count - 1, seed=5)] + ["Hi?"]
+    return [grpo.build_prompt(q, tokenizer) for q in questions]
+
+
+class RecordingLogger:
+    """A stand-in for RunLogger that keeps what train_with_grpo logs in memory."""
+
+    def __init__(self):
+        self.steps, self.completions, self.evaluations = [], [], []
+
+    def log_step(self, metrics):
+        self.steps.append(metrics)
+
+    def log_completions(self, step, example, rollout, rewards, rewards_per_func, func_names, advantages):
+        self.completions.append((step, list(rollout["completions"]), rewards_per_func.clone(), advantages.clone()))
+
+    def log_eval(self, record):
+        self.evaluations.append(record)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
