@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CompileConfig, HfArgumentParser, PreTrainedModel, StaticCache
@@ -1457,8 +1458,8 @@ def step_metrics(cfg: Config, sampled: dict, rewards: torch.Tensor, func_names: 
     gathered; lengths are gathered here), so they are the same however many processes ran. rewards is the
     weighted sum of sampled["rewards_per_func"]; tokens_per_second counts every generated token."""
     rewards_per_func = sampled["rewards_per_func"]
-    lengths = all_gather_rows(sampled["rollout"]["lengths"].float()).cpu()
-    truncated = all_gather_rows(sampled["rollout"]["truncated"].float()).cpu()
+    lengths, truncated = all_gather_rows(torch.stack([sampled["rollout"]["lengths"].float(),
+                                                      sampled["rollout"]["truncated"].float()], dim=1)).cpu().T
     group_std = rewards.view(-1, cfg.num_generations).std(dim=1)
     metrics = {"step": state["step"], "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                **{f"rewards/{name}": rewards_per_func[:, i].mean().item() for i, name in enumerate(func_names)},
@@ -1950,7 +1951,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     if STOP_FILE_ENV in os.environ:
         exit_with_the_launcher()
     if rank > 0:  # one process draws the progress bars (transformers' loading bars too)
-        __import__("transformers").utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     seed_everything(cfg.seed + rank)
     run_dir = Path(agree_on_rank0(lambda: str(resolve_run_dir(cfg))))
     checkpoint = find_checkpoint(run_dir) if cfg.resume else None
@@ -2005,7 +2006,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
              "memory_budget_bytes": budget, "gpu_memory_gb": gpu_memory_gb, "longest_train_prompt_tokens": prompt_tokens,
              "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
              "resolved_compile_generation": compiled,
-             "torch_version": torch.__version__, "transformers_version": __import__("transformers").__version__},
+             "torch_version": torch.__version__, "transformers_version": transformers.__version__},
             indent=2))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.exists() else {}
