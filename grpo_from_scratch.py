@@ -40,7 +40,10 @@ import torch.nn.functional as F
 import transformers
 from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CompileConfig, HfArgumentParser, PreTrainedModel, StaticCache
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
+                          CompileConfig, HfArgumentParser, LogitsProcessor, LogitsProcessorList, PreTrainedModel,
+                          StaticCache)
+from transformers.masking_utils import sdpa_mask
 
 
 # Help texts go through argparse's %-formatting: write "percent", never a bare percent sign.
@@ -85,7 +88,7 @@ class Config:
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 if flash-attn imports on CUDA, else sdpa), flash_attention_2, sdpa or eager."})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPUs that support it, else float32), bfloat16 or float32. float16 is refused: Qwen2.5 overflows in it."})
     shard_optimizer: bool = field(default=True, metadata={"help": "With N processes, each keeps the fp32 master weights and AdamW state of 1/N of the parameters (ZeRO-1); no effect with one."})
-    compile_generation: str = field(default="auto", metadata={"help": "auto (on with CUDA, off on a CPU), true or false: rollouts and evaluation decode with a static KV cache and a torch.compile'd decoding step (CUDA graphs on GPUs), compiled once at start-up; where compiling is not possible the run says so and decodes eagerly."})
+    compile_generation: str = field(default="auto", metadata={"help": "auto, true or false: decode rollouts and evaluation with a static KV cache and a torch.compile'd decoding step (CUDA graphs on GPUs), compiled, checked against eager decoding and timed at start-up. auto keeps it, per purpose, only where it measured faster (CUDA only; a CPU decodes eagerly); true wherever it works; any failure decodes eagerly, with one warning."})
     num_processes: int | None = field(default=None, metadata={"help": "Data-parallel processes, one per GPU; unset = every visible GPU (1 on a CPU). Above 1, plain python starts them with torch's launcher (gloo on a CPU). Ignored under torchrun."})
     # Run bookkeeping.
     seed: int = field(default=42, metadata={"help": "Seed of python, numpy and torch, and of the prompt order."})
@@ -100,6 +103,10 @@ class Config:
 
 class ConfigError(Exception):
     """Bad input: main prints it as one line and exits with status 2."""
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -401,106 +408,252 @@ def decoding_kwargs(tokenizer, max_new_tokens: int, temperature: float | None) -
     return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **common)
 
 
+# Generation attends with grouped_query_attention, whatever attention the loss pass uses. Qwen2.5-1.5B
+# has 12 query heads and 2 key/value heads; transformers' sdpa path copies the key/value heads sixfold
+# over the whole cache (repeat_kv) whenever a padding mask is passed under torch.compile, and its
+# flash_attention_2 path cannot be compiled whole. Here query head h attends to key/value head
+# h // G (G = 6), with query [B, H, T, D] viewed as [B, H_kv, G*T, D]: one SDPA call, no copy.
+DECODE_ATTENTION = "grouped_query_sdpa"
+
+
+def grouped_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function interface: query [B, H, T, D], key/value [B, H_kv, S, D] and a
+    boolean mask [B, 1, T, S] (True attends) or None; returns ([B, T, H, D], None)."""
+    rows, heads, length, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    if attention_mask is None and length > 1:  # no padding: transformers leaves causality to the kernel
+        attention_mask = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask is not None:  # one mask for all heads: the G query rows of a position share it
+        attention_mask = attention_mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(
+            attention_mask.shape[0], 1, group * length, keys)
+    out = F.scaled_dot_product_attention(query.reshape(rows, kv_heads, group * length, head_dim), key, value,
+                                         attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.view(rows, heads, length, head_dim).transpose(1, 2), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, grouped_query_attention)
+AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)  # a custom name gets no mask otherwise
+
+
 @contextmanager
-def eval_mode(model: nn.Module):
-    """Generation runs in eval mode: dropout and gradient checkpointing are inactive there, so the KV
-    cache works on every transformers version. (In train mode with checkpointing, transformers 5.23
-    dropped the cache yet still fed generate one token per step, so every token was predicted without
-    its context; 5.24 keeps the cache. Measured: README, What differs from the tutorial.)"""
-    was_training = model.training
+def generation_mode(model: nn.Module):
+    """Eval mode (dropout and gradient checkpointing off, so the KV cache works on every transformers
+    version) and grouped_query_attention, for the length of a generate() call."""
+    was_training, attention = model.training, model.config._attn_implementation
     model.eval()
+    model.set_attn_implementation(DECODE_ATTENTION)
     try:
         yield
     finally:
+        model.set_attn_implementation(attention)
         model.train(was_training)
 
 
-# Compiled decoding (--compile_generation). Decoding a token is one forward pass over [rows, 1] inputs; for a
-# 1.5B model on a GPU its time is framework overhead (Python and hundreds of small kernel launches per token), not
-# arithmetic. With a static KV cache every decoding step has the same shapes, so torch.compile can turn the step
-# into one graph and, on CUDA, replay it as a CUDA graph (mode "reduce-overhead"). generate() compiles only the
-# decoding step (the prefill runs eagerly), so a graph depends on the row count and the cache length alone: one
-# cache length for the run and fixed row counts (a short batch padded with copies of a real row) compile once.
-def use_compiled_decoding(cfg: Config, device: torch.device) -> bool:
-    """--compile_generation: auto is on with CUDA, off on a CPU (where it was measured no faster: README, Performance)."""
-    return cfg.compile_generation == "true" or (cfg.compile_generation == "auto" and device.type == "cuda")
-
-
+# Compiled decoding (--compile_generation). Decoding a token is one forward pass over [rows, 1]
+# inputs; for a 1.5B model on a GPU its time is framework overhead (Python and hundreds of small
+# kernel launches), not arithmetic. With a static KV cache every decoding step has the same shapes,
+# so torch.compile turns the step into one graph, replayed on CUDA as a CUDA graph. generate()
+# compiles only the decoding step (the prefill runs eagerly), so a graph depends on the row count
+# and the cache length alone: rollouts and evaluation each get one of each, and compile once.
 def compiled_graph_count() -> int:
     """Graphs torch.compile has built in this process (dynamo's counter: internal to torch, but long-stable)."""
     return counters["stats"]["unique_graphs"]
 
 
 class CompiledDecoding:
-    """What generate() needs to decode compiled: a StaticCache of max_cache_len tokens per row count, kept for the
-    whole run and reset before each call (a CUDA graph replays on fixed addresses), and the CompileConfig under
-    which generate() compiles its decoding step. warm_up compiles every row count a run uses; where that fails,
-    or builds no graph, `enabled` turns False, `fallback` says why, and every call decodes eagerly."""
+    """generate() for one purpose (rollouts or evaluation) with a StaticCache of `rows` x `max_cache_len`
+    tokens, kept for the run and reset before each call (a CUDA graph replays on fixed addresses), and
+    the CompileConfig under which generate() compiles its decoding step. A batch of fewer rows is padded
+    to `rows` with copies of its last row (never all-padding rows: attending to nothing gives NaN).
+    After start(), a call that would compile again, or any other error, ends compiled decoding here:
+    one warning, counted in `failures`, and every call decodes eagerly."""
 
-    def __init__(self, model: nn.Module, max_cache_len: int):
-        self.model, self.max_cache_len = model, max_cache_len
+    def __init__(self, model: nn.Module, rows: int, max_cache_len: int, name: str = "rollout"):
         on_cuda = model.device.type == "cuda"
-        self.compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else "default")
-        if not on_cuda:
-            # generate() compiles only on accelerators; this private switch (transformers' own tests use it) lets it
-            # compile on a CPU too. Only --compile_generation true gets here: tests, and measurements.
-            self.compile_config._compile_all_devices = True
-        self.caches: dict[int, StaticCache] = {}
-        self.enabled, self.fallback, self.seconds, self.graphs = True, None, 0.0, 0
+        self.model, self.rows, self.max_cache_len, self.name = model, rows, max_cache_len, name
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.compile_config = CompileConfig(fullgraph=True, dynamic=False,
+                                            mode="reduce-overhead" if on_cuda else "default")
+        # generate() compiles only on accelerators; this switch (transformers' own tests use it) lets
+        # it compile on a CPU too, where only --compile_generation true gets: tests and measurements.
+        self.compile_config._compile_all_devices = not on_cuda
+        self.enabled, self.started, self.fallback, self.failures = True, False, None, 0
+        self.figures = {"eager_ms": None, "compiled_ms": None, "compile_seconds": None}
 
-    def rows_for(self, rows: int) -> int:
-        """The row count a batch of `rows` is padded to: the fewest compiled rows that hold it, else its own."""
-        return min((r for r in self.caches if r >= rows), default=rows) if self.enabled else rows
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """model.generate(ids, attention_mask=mask, **kwargs), compiled while enabled; the batch's rows."""
+        if ids.shape[1] + kwargs["max_new_tokens"] > self.max_cache_len:  # generate would fail midway
+            raise ValueError(f"prompts of {ids.shape[1]} tokens + {kwargs['max_new_tokens']} new tokens "
+                             f"exceed the static KV cache ({self.max_cache_len} tokens)")
+        rows = len(ids)
+        if self.enabled and rows <= self.rows:
+            ids, mask = (torch.cat([t, t[-1:].expand(self.rows - rows, -1)]) for t in (ids, mask))
+            self.cache.reset()
+            try:  # once started, a compile is an error: fail_on_recompile raises before compiling
+                with torch.compiler.set_stance("fail_on_recompile" if self.started else "default"):
+                    with generation_mode(self.model):
+                        return self.model.generate(ids, attention_mask=mask, cache=self.cache,
+                                                   compile_config=self.compile_config, **kwargs)[:rows]
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # dynamo's, inductor's and CUDA graphs' errors
+                self.disable(error)
+            ids, mask = ids[:rows], mask[:rows]
+        with generation_mode(self.model):
+            return self.model.generate(ids, attention_mask=mask, **kwargs)
 
-    def generate_kwargs(self, rows: int, width: int, max_new_tokens: int) -> dict:
+    def disable(self, error: Exception | str) -> None:
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {first_line(error)[:200]}"
+        self.enabled, self.fallback, self.cache = False, reason, None
+        if self.started:
+            self.failures += 1
+            rank = f"rank {rank_and_world()[0]}: " if dist.is_initialized() else ""
+            tqdm.write(f"{rank}warning: compiled {self.name} decoding failed, decoding eagerly from now on: {reason}")
+
+    def start(self, tokenizer, prompts: list[str], budget: int) -> None:
+        """Compile with `rows` of the real prompts, enough decoding steps that CUDA graphs are recorded
+        and replayed; check that the compiled greedy tokens are eager's (near-ties aside); then time a
+        decoding step both ways. An error or a mismatch disables it, with the reason in `fallback`."""
+        encoded = tokenizer((prompts * self.rows)[:self.rows], return_tensors="pt", padding=True,
+                            padding_side="left", add_special_tokens=False).to(self.model.device)
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        new_tokens = min(8, budget)  # min_new_tokens 4: decoding steps 1, 2, 3 warm up, record, replay
+        greedy = dict(decoding_kwargs(tokenizer, new_tokens, None), min_new_tokens=min(4, new_tokens))
+        started = time.perf_counter()
+        compiled = self.generate(ids, mask, **greedy)
+        self.figures["compile_seconds"] = time.perf_counter() - started
         if not self.enabled:
-            return {}
-        if width + max_new_tokens > self.max_cache_len:  # a static cache does not grow: generate would fail midway
-            raise ValueError(f"prompts of {width} tokens + {max_new_tokens} new tokens exceed the static KV cache "
-                             f"({self.max_cache_len} tokens)")
-        if rows not in self.caches:
-            self.caches[rows] = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
-        self.caches[rows].reset()
-        return {"cache": self.caches[rows], "compile_config": self.compile_config}
-
-    def warm_up(self, tokenizer, prompt: str, row_counts: list[int]) -> None:
-        """Compile the decoding step of each row count now, by two greedy tokens of `prompt` per row; timed."""
-        start, graphs = time.perf_counter(), compiled_graph_count()
-        try:
-            for rows in sorted(set(row_counts)):
-                ids = tokenizer([prompt] * rows, return_tensors="pt", add_special_tokens=False)["input_ids"]
-                ids = ids.to(self.model.device)
-                with eval_mode(self.model):  # min_new_tokens=2: the second token is a decoding step
-                    self.model.generate(ids, attention_mask=torch.ones_like(ids), min_new_tokens=2,
-                                        **decoding_kwargs(tokenizer, 2, None), **self.generate_kwargs(rows, ids.shape[1], 2))
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as error:  # dynamo's and inductor's errors, and torch.compile's refusals, are RuntimeErrors
-            self.fallback = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-        self.seconds, self.graphs = time.perf_counter() - start, compiled_graph_count() - graphs
-        if self.fallback is None and self.graphs == 0:
-            self.fallback = "generate() built no compiled graph (transformers did not compile the model)"
-        if self.fallback is not None:
-            self.enabled = False
-            self.caches.clear()
+            return
+        with generation_mode(self.model):
+            eager = self.model.generate(ids, attention_mask=mask, output_logits=True,
+                                        return_dict_in_generate=True, **greedy)
+        tolerance = 1e-3 if self.model.dtype == torch.float32 else 1.0
+        row = first_disagreement(compiled[:, ids.shape[1]:], eager, ids.shape[1], tolerance, tokenizer.pad_token_id)
+        if row is not None:
+            return self.disable(f"compiled greedy tokens differ from eager ones (row {row})")
+        # Timed from the middle of a completion, where eager decoding's growing cache is on average.
+        half = budget // 2
+        ids = torch.cat([ids, ids[:, -1:].expand(-1, half)], dim=1)
+        mask = torch.cat([mask, mask[:, -1:].expand(-1, half)], dim=1)
+        steps = max(1, min(16, budget - half - 1))
+        self.figures["eager_ms"] = decoding_step_ms(tokenizer, ids, mask, steps, self.model, None)
+        self.figures["compiled_ms"] = decoding_step_ms(tokenizer, ids, mask, steps, self.model, self)
+        self.started = True
 
 
-def start_compiled_decoding(model, tokenizer, cfg: Config, train_examples: list[dict],
-                            eval_examples: list[dict]) -> CompiledDecoding:
-    """The run's CompiledDecoding, warmed up: a cache as long as the longest prompt plus its budget (of a rollout or
-    an evaluation answer), and two row counts: this process's rollout rows and its largest evaluation batch.
-    Switches gradient checkpointing on first, if the run uses it (see below)."""
-    max_cache_len = max(max(prompt_lengths(train_examples, tokenizer)) + cfg.max_completion_length,
-                        max(prompt_lengths(eval_examples, tokenizer)) + cfg.eval_max_new_tokens)
-    rollout = rows_of_this_process(cfg.batch_size * cfg.num_generations)
-    eval_rows = min(cfg.eval_batch_size, math.ceil(len(eval_examples) / rank_and_world()[1]))
-    if cfg.gradient_checkpointing and not model.is_activation_checkpointing:  # now, not in train_with_grpo: the graph
-        # guards the flag (read even in eval mode, where it does nothing) and the hook it adds, so switching it on
-        # after compiling would compile again
+def first_disagreement(compiled: torch.Tensor, eager, width: int, tolerance: float, pad_id: int) -> int | None:
+    """The first row whose compiled greedy tokens are not eager's (`eager`: generate's output with
+    logits), or None. Where a row's tokens first differ, on the same prefix, eager's logits of the
+    two tokens within `tolerance` are a near-tie that rounding may flip: the row agrees up to there."""
+    eager_ids = eager.sequences[:, width:]
+    length = max(compiled.shape[1], eager_ids.shape[1])  # finished rows are padded with pad_id
+    compiled, eager_ids = (F.pad(t, (0, length - t.shape[1]), value=pad_id) for t in (compiled, eager_ids))
+    for row in range(len(compiled)):
+        differs = (compiled[row] != eager_ids[row]).nonzero()
+        if len(differs) == 0:
+            continue
+        step = int(differs[0])
+        logits = eager.logits[min(step, len(eager.logits) - 1)][row].float()
+        if step >= len(eager.logits) or logits[eager_ids[row, step]] - logits[compiled[row, step]] > tolerance:
+            return row
+    return None
+
+
+class StepClock(LogitsProcessor):
+    """A logits processor that changes nothing and notes the time of each generated token."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def decoding_step_ms(tokenizer, ids, mask, steps: int, model, decoding: CompiledDecoding | None) -> float:
+    """Milliseconds per decoding step: the median time between consecutive tokens of a greedy call of
+    steps + 1 tokens (the first token comes from the prefill), the lower of two calls."""
+    medians = []
+    for _ in range(2):
+        clock = StepClock(ids.device)
+        kwargs = dict(decoding_kwargs(tokenizer, steps + 1, None), min_new_tokens=steps + 1,
+                      logits_processor=LogitsProcessorList([clock]))
+        if decoding is None:
+            with generation_mode(model):
+                model.generate(ids, attention_mask=mask, **kwargs)
+        else:
+            decoding.generate(ids, mask, **kwargs)
+        medians.append(1000 * float(np.median(np.diff(clock.times))))
+    return min(medians)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def start_decoding(model, tokenizer, cfg: Config, train_examples: list[dict],
+                   eval_examples: list[dict]) -> dict:
+    """{"rollout": CompiledDecoding, "eval": CompiledDecoding} as --compile_generation asks, each started
+    (compiled, checked, timed); {} to decode eagerly. auto compiles on CUDA only, and keeps the compiled
+    path of a purpose only where it measured faster; true keeps it wherever it works. Every process
+    takes the same path: one failure disables it everywhere, and the figures compared are the
+    slowest process's. Each cache holds its split's longest prompt plus that purpose's budget."""
+    if cfg.compile_generation == "false" or (cfg.compile_generation == "auto" and model.device.type != "cuda"):
+        return {}
+    if cfg.gradient_checkpointing and not model.is_activation_checkpointing:  # now, not in
+        # train_with_grpo: the graph guards the flag (read even in eval mode, where it does nothing)
+        # and the hook it adds, so switching it on after compiling would compile again
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    decoding = CompiledDecoding(model, max_cache_len)
-    decoding.warm_up(tokenizer, train_examples[0]["prompt"], [rollout.stop - rollout.start, eval_rows])
-    return decoding
+    rollout = rows_of_this_process(cfg.batch_size * cfg.num_generations)
+    purposes = {"rollout": (train_examples, rollout.stop - rollout.start, cfg.max_completion_length),
+                "eval": (eval_examples, min(cfg.eval_batch_size, math.ceil(len(eval_examples) / rank_and_world()[1])),
+                         cfg.eval_max_new_tokens)}
+    decoders, graphs = {}, compiled_graph_count()
+    for name, (examples, rows, budget) in purposes.items():
+        decoding = CompiledDecoding(model, rows, max(prompt_lengths(examples, tokenizer)) + budget, name)
+        decoding.start(tokenizer, [ex["prompt"] for ex in examples[:rows]], budget)
+        decoders[name] = decoding
+    if compiled_graph_count() == graphs and all(d.enabled for d in decoders.values()):
+        for decoding in decoders.values():
+            decoding.started = False
+            decoding.disable("generate() built no compiled graph (transformers did not compile the model)")
+    if any_rank(any(d.fallback for d in decoders.values()), model.device):
+        for decoding in decoders.values():
+            decoding.started = False
+            decoding.disable(decoding.fallback or "another process could not compile")
+    figures = all_reduce_sum([d.figures[key] or 0.0 for d in decoders.values() for key in ("eager_ms", "compiled_ms")],
+                             model.device, op=dist.ReduceOp.MAX)
+    for i, decoding in enumerate(decoders.values()):
+        if decoding.enabled:
+            decoding.figures.update(eager_ms=figures[2 * i], compiled_ms=figures[2 * i + 1])
+            if cfg.compile_generation == "auto" and figures[2 * i + 1] >= figures[2 * i]:
+                decoding.enabled, decoding.cache = False, None  # measured no faster than eager
+    return decoders
+
+
+def decoding_record(decoders: dict) -> dict:
+    """What each purpose decodes with and why, for config.json and summary.json."""
+    return {name: {"rows": d.rows, "cache_tokens": d.max_cache_len, "compiled": d.enabled,
+                   "fallback": d.fallback, "failures": d.failures, **d.figures} for name, d in decoders.items()}
+
+
+def decoding_line(decoders: dict, cfg: Config) -> str:
+    """The run's decoding choice and the figures it was made on, in one line."""
+    if not decoders:
+        why = "compiles on CUDA only" if cfg.compile_generation == "auto" else "asks for it"
+        return f"decoding: eager (--compile_generation {cfg.compile_generation} {why})"
+    parts = []
+    for name, d in decoders.items():
+        figures = (f"eager {d.figures['eager_ms']:.1f} ms/step, compiled {d.figures['compiled_ms']:.1f}"
+                   if d.figures["eager_ms"] else "not measured")
+        parts.append(f"{name} {d.rows} rows, cache {d.max_cache_len} tokens: {figures} -> "
+                     f"{'compiled' if d.enabled else 'eager'}")
+    seconds = sum(d.figures["compile_seconds"] or 0 for d in decoders.values())
+    return f"decoding (--compile_generation {cfg.compile_generation}): " + "; ".join(parts) + \
+        f"; compiled in {seconds:.1f} s"
 
 
 @torch.no_grad()
@@ -509,20 +662,17 @@ def generate_completions(model, tokenizer, prompts: list[str], temperature: floa
     """Batched, left-padded generation on the model's own device. Returns prompt_ids/prompt_mask
     (left-padded), completion_ids/completion_mask (trimmed to the longest completion), completions
     (decoded text), lengths and truncated (hit the budget without a stop token). With `decoding`, it
-    decodes compiled; a batch shorter than a compiled row count is padded to it and the copies dropped."""
+    decodes compiled."""
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
     kwargs = decoding_kwargs(tokenizer, max_new_tokens, temperature)
-    ids, mask = prompt_ids, prompt_mask
     if decoding is not None:
-        # Copies of the last real row, never all-padding rows (attending to nothing gives NaN); greedy copies stop with it.
-        extra = decoding.rows_for(len(prompts)) - len(prompts)
-        ids, mask = torch.cat([ids, ids[-1:].expand(extra, -1)]), torch.cat([mask, mask[-1:].expand(extra, -1)])
-        kwargs.update(decoding.generate_kwargs(len(ids), ids.shape[1], max_new_tokens))
-    with eval_mode(model):
-        output = model.generate(ids, attention_mask=mask, **kwargs)
-    completion_ids = output[:len(prompts), prompt_ids.shape[1]:]
+        output = decoding.generate(prompt_ids, prompt_mask, **kwargs)
+    else:
+        with generation_mode(model):
+            output = model.generate(prompt_ids, attention_mask=prompt_mask, **kwargs)
+    completion_ids = output[:, prompt_ids.shape[1]:]
     stop_ids = stop_token_ids(tokenizer)
     completion_mask = create_completion_mask(completion_ids, stop_ids)
     lengths = completion_mask.sum(1)
@@ -763,7 +913,7 @@ def _import_reward_file(path: Path, path_text: str):
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as error:  # SystemExit: a script that parses its own arguments on import
         del sys.modules[module_name]
-        message = (str(error).splitlines() or [""])[0]
+        message = first_line(error)
         raise ConfigError(f"--reward_funcs {path_text}: importing it raised {type(error).__name__}: {message}") from error
     return module
 
@@ -1305,11 +1455,11 @@ STOP_SIGNALS: list[str] = []  # filled by the SIGINT/SIGTERM handler; checked af
 def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, run_dir: Path | None = None,
                     reward_funcs: dict | None = None, logger=None, reference_model: nn.Module | None = None,
                     resume_state: dict | None = None, eval_examples: list[dict] | None = None,
-                    decoding: CompiledDecoding | None = None) -> nn.Module:
+                    decoding: dict | None = None) -> nn.Module:
     """GRPO on train_examples; returns the trained model. reward_funcs defaults to cfg.reward_funcs
     from REWARD_FUNCS; logger (a RunLogger) records metrics; resume_state comes from load_checkpoint;
     with eval_examples, every cfg.eval_steps steps the model is evaluated on eval_subset of them;
-    decoding (a CompiledDecoding) makes rollouts and those evaluations decode compiled."""
+    decoding ({"rollout", "eval"}: CompiledDecoding, from start_decoding) decodes them compiled."""
     if reward_funcs is None:
         reward_funcs, reward_weights = load_reward_funcs(cfg.reward_funcs, cfg.reward_weights, cfg.max_completion_length,
                                                          cfg.overlong_buffer)
@@ -1341,7 +1491,8 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
 
         # Rollout and rewards: this process generates and scores its rows of the step; the rewards of
         # the whole step are gathered, so each group's advantages come from all of its completions.
-        sampled = sample_step(model, tokenizer, train_examples, cfg, step, reward_funcs, reward_weights, device, decoding)
+        sampled = sample_step(model, tokenizer, train_examples, cfg, step, reward_funcs, reward_weights, device,
+                              (decoding or {}).get("rollout"))
         rollout, rewards_per_func = sampled["rollout"], sampled["rewards_per_func"]
         rollout_time = time.perf_counter() - step_start
         rewards = weighted_reward(rewards_per_func, reward_weights)
@@ -1384,7 +1535,7 @@ def train_with_grpo(model, tokenizer, train_examples: list[dict], cfg: Config, r
         # then implies every evaluation up to s is on record, and a resume from s redoes those after s
         # (RunLogger drops their lines). Greedy decoding draws no random numbers: training is unchanged.
         if eval_indices and step % cfg.eval_steps == 0:
-            evaluate_at_step(model, tokenizer, eval_examples, eval_indices, cfg, step, logger, decoding)
+            evaluate_at_step(model, tokenizer, eval_examples, eval_indices, cfg, step, logger, (decoding or {}).get("eval"))
 
         stop_reason = None
         if state["nonfinite_in_a_row"] >= 3:
@@ -1728,8 +1879,10 @@ def plot_curves(run_dir: Path) -> None:
 # process's rollout or evaluation rows) and the loss pass (the gradients plus one micro-batch's
 # activations: the kept logits and their gradient, the checkpointed layer inputs, one layer being
 # recomputed). The activation and cache figures are estimates, not measurements.
-def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens: int) -> dict:
-    """Estimated bytes per GPU, one process per GPU; `model` may live on the meta device."""
+def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens: int,
+                  eval_prompt_tokens: int | None = None) -> dict:
+    """Estimated bytes per GPU, one process per GPU, from the longest train and eval prompts (eval: the
+    train one when not given); `model` may live on the meta device."""
     model_config, dtype = model.config, next(model.parameters()).dtype
     weight_bytes = torch.finfo(dtype).bits // 8
     params, shards = sum(p.numel() for p in model.parameters()), world_size if cfg.shard_optimizer and world_size > 1 else 1
@@ -1737,12 +1890,12 @@ def memory_budget(model: nn.Module, cfg: Config, world_size: int, prompt_tokens:
     head_dim = getattr(model_config, "head_dim", None) or hidden // model_config.num_attention_heads
     kv_bytes_per_token = 2 * layers * model_config.num_key_value_heads * head_dim * weight_bytes
     rollout_rows = math.ceil(cfg.batch_size * cfg.num_generations / world_size)
-    kv_cache = kv_bytes_per_token * max(rollout_rows * (prompt_tokens + cfg.max_completion_length),
-                                        cfg.eval_batch_size * (prompt_tokens + cfg.eval_max_new_tokens))
-    static_kv_cache = 0  # a GPU's budget: there --compile_generation auto compiles
-    if cfg.compile_generation != "false":  # rollout rows and evaluation rows, each cache as long as the longer budget
-        static_kv_cache, kv_cache = kv_bytes_per_token * (rollout_rows + cfg.eval_batch_size) * (
-            prompt_tokens + max(cfg.max_completion_length, cfg.eval_max_new_tokens)), 0
+    rollout_tokens = rollout_rows * (prompt_tokens + cfg.max_completion_length)
+    eval_tokens = cfg.eval_batch_size * ((eval_prompt_tokens or prompt_tokens) + cfg.eval_max_new_tokens)
+    kv_cache = kv_bytes_per_token * max(rollout_tokens, eval_tokens)
+    static_kv_cache = 0  # a GPU's budget: there --compile_generation auto may compile both
+    if cfg.compile_generation != "false":
+        static_kv_cache, kv_cache = kv_bytes_per_token * (rollout_tokens + eval_tokens), 0
     micro_batch = min(cfg.micro_batch_size, rollout_rows)  # a process never holds more rows than it generated
     tokens = micro_batch * (prompt_tokens + cfg.max_completion_length)
     layer_activations = tokens * (6 * hidden + 4 * model_config.intermediate_size) * weight_bytes
@@ -1869,7 +2022,7 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device, f
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{flag} {path}: could not load the model ({str(error).splitlines()[0]})") from error
+        raise ConfigError(f"{flag} {path}: could not load the model ({first_line(error)})") from error
     return model.to(device)
 
 
@@ -1877,7 +2030,7 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--model_name_or_path {path}: could not load the tokenizer ({str(error).splitlines()[0]})") from error
+        raise ConfigError(f"--model_name_or_path {path}: could not load the tokenizer ({first_line(error)})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
     return tokenizer
@@ -1975,37 +2128,33 @@ def run(cfg: Config, argv: list[str]) -> dict:
         source = str(checkpoint / "reference_model") if reference_step > 0 else cfg.model_name_or_path
         reference_model = make_reference(load_model(source, dtype, attn, device))
     prompt_tokens = max(prompt_lengths(train_examples, tokenizer))
-    budget = memory_budget(model, cfg, world_size, prompt_tokens)
+    budget = memory_budget(model, cfg, world_size, prompt_tokens, max(prompt_lengths(eval_examples, tokenizer)))
     gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"run folder {run_dir} | {world_size} process(es), one {device.type} device each | "
               f"dtype {str(dtype).removeprefix('torch.')} | attention {attn} | "
-              f"decoding {'compiled' if use_compiled_decoding(cfg, device) else 'eager'} | "
               f"{len(train_examples)} train / {len(eval_examples)} eval questions"
               + (f" | resuming from {checkpoint or 'step 0 (no checkpoint yet)'}" if cfg.resume else ""))
         print(memory_report(budget, gpu_memory_gb))
         if gpu_memory_gb is not None and not expected_to_fit(budget, gpu_memory_gb):
             print(memory_advice(model, cfg, world_size, prompt_tokens, gpu_memory_gb))
-    # Compiled decoding compiles here, once, before the first evaluation; its seconds are printed and kept.
+    # Compiled decoding compiles, checks and times itself here, before the first evaluation.
     graphs_at_start = compiled_graph_count()
-    decoding = None
-    if use_compiled_decoding(cfg, device):
-        decoding = start_compiled_decoding(model, tokenizer, cfg, train_examples, eval_examples)
-    if decoding is not None and decoding.fallback:  # every process that cannot compile says so
+    decoding = start_decoding(model, tokenizer, cfg, train_examples, eval_examples)
+    fallbacks = {d.fallback for d in decoding.values() if d.fallback}
+    if fallbacks and fallbacks != {"another process could not compile"}:  # each process that failed says why
         print(f"{f'rank {rank}: ' if world_size > 1 else ''}warning: compiled decoding (--compile_generation "
-              f"{cfg.compile_generation}) is not possible here, decoding eagerly: {decoding.fallback}")
-    elif decoding is not None and is_main:
-        print(f"compiled decoding: {decoding.graphs} graph(s) for rows {sorted(decoding.caches)}, a static KV cache of "
-              f"{decoding.max_cache_len} tokens; compiled in {decoding.seconds:.1f} s at start-up")
-    compiled = decoding is not None and decoding.enabled
+              f"{cfg.compile_generation}) is not possible here, decoding eagerly: {', '.join(sorted(fallbacks))}")
+    if is_main:
+        print(decoding_line(decoding, cfg))
     if is_main and not cfg.resume:
         (run_dir / "config.json").write_text(json.dumps(
             {**asdict(cfg), "run_name": run_dir.name, "world_size": world_size,
              "memory_budget_bytes": budget, "gpu_memory_gb": gpu_memory_gb, "longest_train_prompt_tokens": prompt_tokens,
              "resolved_dtype": str(dtype).removeprefix("torch."), "resolved_attn_implementation": attn,
-             "resolved_compile_generation": compiled,
+             "decoding": decoding_record(decoding),
              "torch_version": torch.__version__, "transformers_version": transformers.__version__},
             indent=2))
     summary_path = run_dir / "summary.json"
@@ -2016,7 +2165,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
 
     def evaluate_and_record(when: str) -> None:
         result = evaluate_model(model, tokenizer, eval_examples, cfg.eval_batch_size, cfg.eval_max_new_tokens, f"eval {when}",
-                                decoding)
+                                decoding.get("eval"))
         if is_main:
             write_jsonl(run_dir / f"eval_{when}.jsonl", result.pop("records"))
             summary[when] = result
@@ -2047,8 +2196,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
         tokens = sum(r["tokens_per_second"] * r["rollout_time"] for r in records)
         summary.update({"steps": len(records), "world_size": world_size, "train_seconds": sum(r["step_time"] for r in records),
                         "tokens_per_second": tokens / max(rollout_seconds, 1e-9), "replica_checksums": checksums,
-                        "compile_generation": compiled, "compile_seconds": decoding.seconds if compiled else None,
-                        "compiled_graphs": compiled_graph_count() - graphs_at_start,
+                        "decoding": decoding_record(decoding), "compiled_graphs": compiled_graph_count() - graphs_at_start,
                         "wall_seconds_this_process": time.perf_counter() - started})
         evaluations = read_jsonl(run_dir / "eval_steps.jsonl")
         if evaluations:  # the best periodic evaluation (the earliest on ties) and the last one
@@ -2195,8 +2343,7 @@ def report_failure(error: Exception, cfg: Config | None) -> None:
         detail = f" (traceback in {run_dir / f'error_rank{rank}.txt'})"
     else:
         traceback.print_exc()
-    message = (str(error).strip().splitlines() or [""])[0]
-    tqdm.write(f"error: rank {rank}: {type(error).__name__}: {message}{detail}", file=sys.stderr)
+    tqdm.write(f"error: rank {rank}: {type(error).__name__}: {first_line(error)}{detail}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,11 +16,13 @@ tokens: the worst case of a real step. Measured, in one run:
   5. one periodic evaluation (--eval_steps) at the default --eval_subset_size 256 and --eval_batch_size
      64, with answers of 512 tokens (on CPU scaled like the rollout's: 512/400 of its new tokens), in
      seconds and in full steps. Random weights never stop here either: every answer runs its budget;
-  6. decoding overhead, eager against compiled (--compile_generation): milliseconds per decoding step
-     of a Qwen2 with Qwen2.5-1.5B's depth and heads (28 layers, 12 query and 2 KV heads) at a tiny width,
-     at 12 and 84 rows, on every device, with one torch thread. At that width a step does almost no
-     arithmetic, so its time is the per-layer framework overhead that a 1.5B model's decoding step pays
-     on a GPU (and the compile seconds are those of 28 layers). One line each: `BENCH decode rows=<n>
+  6. decoding, eager against compiled (--compile_generation), as a run measures it at start-up:
+     milliseconds per decoding step of a Qwen2 with Qwen2.5-1.5B's depth and heads (28 layers, 12 query
+     and 2 KV heads) at a tiny width, at 12 and 84 rows, with a static cache of the prompt plus 400 new
+     tokens, for generation's attention as transformers' sdpa and as the trainer's grouped-query
+     attention, with one torch thread. At that width a step does little arithmetic besides attention
+     over the cache, so it shows the framework overhead a 1.5B model's step pays on a GPU and the cost
+     of copying key/value heads. One line each: `BENCH decode rows=<n> cache=<c> attention=<a>
      eager_ms=<e> compiled_ms=<c> speedup=<e/c> compile_s=<s>`.
 The last line is `BENCH cache_speedup=<x> logprob_mem_ratio=<y> step_s=<s> eval_s=<e> peak_mem_gb=<g> device=<name>`.
 """
@@ -28,7 +30,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ def bench_rollout(model, tokenizer, prompts, max_new, device, repeats):
         return (time.perf_counter() - start) / repeats, out
 
     def ours():
-        with torch.no_grad(), grpo.eval_mode(model):
+        with torch.no_grad(), grpo.generation_mode(model):
             return model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
 
     def no_cache():
@@ -173,12 +174,14 @@ def decode_model(tokenizer, device, dtype):
 def timed_generate(model, tokenizer, ids, mask, tokens, device, decoding=None) -> float:
     """Seconds of one sampling generate() of exactly `tokens` new tokens per row (min_new_tokens), eager or, with
     a CompiledDecoding, compiled as the trainer decodes."""
-    kwargs = grpo.decoding_kwargs(tokenizer, tokens, temperature=1.0)
-    kwargs.update(min_new_tokens=tokens, **(decoding.generate_kwargs(len(ids), ids.shape[1], tokens) if decoding else {}))
+    kwargs = dict(grpo.decoding_kwargs(tokenizer, tokens, temperature=1.0), min_new_tokens=tokens)
     sync(device)
     start = time.perf_counter()
-    with grpo.eval_mode(model):
-        model.generate(ids, attention_mask=mask, **kwargs)
+    if decoding is None:
+        with grpo.generation_mode(model):
+            model.generate(ids, attention_mask=mask, **kwargs)
+    else:
+        decoding.generate(ids, mask, **kwargs)
     sync(device)
     return time.perf_counter() - start
 
@@ -188,26 +191,23 @@ def left_padded(tokenizer, prompts, device):
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
-def bench_decode(model, tokenizer, examples, rows, new_tokens, device, repeats):
-    """Milliseconds per decoding step, eager and compiled, from whole generate() calls: (time of new_tokens
-    tokens - time of 1 token) / (new_tokens - 1), so the prefill and the call's set-up cancel. Median of
-    interleaved repeats, after a warm-up of each path (the compiled one's is its compilation)."""
-    ids, mask = left_padded(tokenizer, [examples[i % len(examples)]["prompt"] for i in range(rows)], device)
-    decoding = grpo.CompiledDecoding(model, ids.shape[1] + new_tokens)
-    decoding.warm_up(tokenizer, examples[0]["prompt"], [rows])
-    if not decoding.enabled:
+def bench_decode(model, tokenizer, examples, rows, budget, attention):
+    """Milliseconds per decoding step, eager and compiled, as a run measures them at start-up
+    (CompiledDecoding.start: a static cache of the longest prompt plus the budget, timed from the middle of
+    a completion), with generation's attention set to `attention`: transformers' sdpa (which copies the
+    key/value heads under compile) or the trainer's grouped-query attention."""
+    saved, grpo.DECODE_ATTENTION = grpo.DECODE_ATTENTION, attention
+    try:
+        prompts = [examples[i % len(examples)]["prompt"] for i in range(rows)]
+        cache = max(grpo.prompt_lengths(examples, tokenizer)) + budget
+        decoding = grpo.CompiledDecoding(model, rows, cache)
+        decoding.start(tokenizer, prompts, budget)
+    finally:
+        grpo.DECODE_ATTENTION = saved
+    if decoding.fallback:
         sys.exit(f"error: compiled decoding is not possible here: {decoding.fallback}")
-    timed_generate(model, tokenizer, ids, mask, new_tokens, device)
-    per_step, graphs = {None: [], decoding: []}, grpo.compiled_graph_count()
-    for _ in range(repeats):
-        for path in per_step:
-            full, prefill = (timed_generate(model, tokenizer, ids, mask, n, device, path) for n in (new_tokens, 1))
-            per_step[path].append((full - prefill) / (new_tokens - 1))
-    if grpo.compiled_graph_count() != graphs:  # a timed call that compiled would time the compiler
-        sys.exit("error: the compiled decoding step compiled again after its warm-up")
-    eager_ms, compiled_ms = (1000 * statistics.median(per_step[path]) for path in (None, decoding))
-    return {"rows": rows, "new_tokens": new_tokens, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
-            "speedup": eager_ms / compiled_ms, "compile_s": decoding.seconds, "graphs": decoding.graphs}
+    return {"rows": rows, "cache": cache, "attention": attention, **decoding.figures,
+            "speedup": decoding.figures["eager_ms"] / decoding.figures["compiled_ms"]}
 
 
 def bench_periodic_eval(model, tokenizer, cfg, device):
@@ -307,8 +307,8 @@ def main():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one CPU thread drives a GPU's decoding steps; on a CPU, one also keeps the figure steady
     deep = decode_model(tokenizer, device, next(model.parameters()).dtype)
-    decode = [bench_decode(deep, tokenizer, examples, n, 16 if args.quick else 48, device, 2 if args.quick else 3)
-              for n in (12, 84)]
+    decode = [bench_decode(deep, tokenizer, examples, n, 32 if args.quick else 400, attention)
+              for n in ((12,) if args.quick else (12, 84)) for attention in ("sdpa", grpo.DECODE_ATTENTION)]
     torch.set_num_threads(threads)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
@@ -330,10 +330,8 @@ def main():
         (f"log-softmax extra memory, {memory['rows']} x {QWEN_VOCAB}, fwd+bwd",
          f"naive {memory['naive']:.3f} GB, selective {memory['selective']:.3f} GB"),
         ("log-softmax memory ratio (selective / naive)", f"{memory['ratio']:.3f}"),
-        *((f"decoding step, 28 layers at tiny width, {d['rows']} rows", f"eager {d['eager_ms']:.1f} ms, "
+        *((f"decoding step, {d['rows']} rows, {d['attention']}", f"eager {d['eager_ms']:.1f} ms, "
            f"compiled {d['compiled_ms']:.1f} ms") for d in decode),
-        *((f"  compiled: speedup, compile time ({d['rows']} rows)", f"{d['speedup']:.2f}x, {d['compile_s']:.0f} s")
-          for d in decode),
     ]
     for label, value in rows_out:
         print(f"{label:<52}{value:>20}")
@@ -343,8 +341,9 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     for d in decode:
-        print(f"BENCH decode rows={d['rows']} eager_ms={d['eager_ms']:.2f} compiled_ms={d['compiled_ms']:.2f} "
-              f"speedup={d['speedup']:.2f} compile_s={d['compile_s']:.1f}")
+        print(f"BENCH decode rows={d['rows']} cache={d['cache']} attention={d['attention']} "
+              f"eager_ms={d['eager_ms']:.2f} compiled_ms={d['compiled_ms']:.2f} speedup={d['speedup']:.2f} "
+              f"compile_s={d['compile_seconds']:.1f}")
     print(f"BENCH cache_speedup={rollout['ours_tok_s'] / rollout['no_cache_tok_s']:.2f} "
           f"logprob_mem_ratio={memory['ratio']:.3f} step_s={step['step_time']:.2f} eval_s={periodic['eval_s']:.2f} "
           f"peak_mem_gb={peak_gb:.2f} "

@@ -6,15 +6,17 @@
 Written and tested on a CPU with --tiny; it has not run on a GPU yet. At the tutorial's shape (7 prompts x 12
 completions, 400 new tokens; random weights do not stop, and min_new_tokens makes sure every completion runs its
 400 tokens) it measures what a run does, with the trainer's own functions:
-  1. compilation: seconds and graphs of start_compiled_decoding (this process's 84 rollout rows and its
-     64-row evaluation batch), as a run pays them at start-up;
+  1. decoding at start-up, as a run does it (start_decoding with --compile_generation auto on CUDA,
+     true with --tiny on a CPU): compile the 84 rollout rows and the 64-row evaluation batch, check
+     compiled greedy tokens against eager ones, time a decoding step both ways, print the choice;
   2. rollout tokens/s of one sampling generate() of the 84 rows, eager and compiled;
   3. a whole training step of train_with_grpo with compiled rollouts, and its split (rollout, reference,
      update): the second of two steps, the first paying the allocator's warm-up;
   4. peak memory (CUDA: torch.cuda.max_memory_allocated during the training steps, static caches included;
      CPU: the process's peak RSS) against memory_budget's estimate of a run's peak.
-The last line is `GPUCHECK eager_tok_s=... compiled_tok_s=... speedup=... step_s=... rollout_s=... reference_s=...
-update_s=... peak_gb=... budget_gb=... compile_s=... graphs=... device=...`.
+The last line is `GPUCHECK eager_tok_s=... compiled_tok_s=... speedup=... eager_ms=... compiled_ms=...
+rollout_decodes=... step_s=... rollout_s=... reference_s=... update_s=... peak_gb=... budget_gb=... compile_s=...
+graphs=... device=...`.
 """
 import argparse
 import sys
@@ -56,27 +58,32 @@ def main():
         config = Qwen2Config(**QWEN25_15B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         model = AutoModelForCausalLM.from_config(config, dtype=grpo.resolve_dtype(cfg, device),
                                                  attn_implementation=grpo.resolve_attention(cfg, device)).to(device)
+    # auto on CUDA: compile, check and time both paths as a run does, and keep what measured faster. --tiny on a
+    # CPU, where auto decodes eagerly: true, which compiles and measures the same way and keeps compiled.
     cfg = replace(cfg, num_steps=2, eval_steps=0, report_to="none", save_steps=10**6, log_completions_steps=10**6,
-                  compile_generation="true")
+                  compile_generation="auto" if device.type == "cuda" else "true")
     examples = [{"question": r["question"], "prompt": grpo.build_prompt(r["question"], tokenizer),
                  "answer": grpo.extract_answer_from_dataset(r["answer"])} for r in tiny.word_problems(64, seed=3)]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"{'tiny Qwen2' if args.tiny else 'Qwen2.5-1.5B architecture, random weights'} | {dtype} | "
           f"attention {model.config._attn_implementation} | {device} | torch {torch.__version__}", flush=True)
 
-    decoding = grpo.start_compiled_decoding(model, tokenizer, cfg, examples, examples)
-    if decoding.fallback:
-        sys.exit(f"error: compiled decoding is not possible here: {decoding.fallback} (with flash_attention_2, "
-                 f"try --attn sdpa)")
-    print(f"compile: {decoding.graphs} graph(s) for rows {sorted(decoding.caches)}, a static KV cache of "
-          f"{decoding.max_cache_len} tokens, mode {decoding.compile_config.mode}: {decoding.seconds:.1f} s", flush=True)
     graphs = grpo.compiled_graph_count()
+    decoding = grpo.start_decoding(model, tokenizer, cfg, examples, examples)
+    print(grpo.decoding_line(decoding, cfg), flush=True)
+    failed = [f"{name}: {d.fallback}" for name, d in decoding.items() if d.fallback]
+    if failed:
+        sys.exit(f"error: compiled decoding is not possible here: {'; '.join(failed)}")
+    graphs = grpo.compiled_graph_count() - graphs
+    rollout = decoding["rollout"]
+    print(f"compile: {graphs} graph(s), mode {rollout.compile_config.mode}", flush=True)
 
     rows, tokens = cfg.batch_size * cfg.num_generations, cfg.max_completion_length
     ids, mask = left_padded(tokenizer, [ex["prompt"] for ex in examples[:cfg.batch_size] for _ in range(cfg.num_generations)],
                             device)
-    timed_generate(model, tokenizer, ids, mask, 8, device)  # the eager path's first call (library set-up)
-    eager_s, compiled_s = (timed_generate(model, tokenizer, ids, mask, tokens, device, path) for path in (None, decoding))
+    enabled, rollout.enabled = rollout.enabled, True  # time the compiled path even where auto chose eager
+    eager_s, compiled_s = (timed_generate(model, tokenizer, ids, mask, tokens, device, path) for path in (None, rollout))
+    rollout.enabled = enabled
     eager_tok_s, compiled_tok_s = rows * tokens / eager_s, rows * tokens / compiled_s
     print(f"rollout, {rows} rows x {tokens} tokens: eager {eager_tok_s:,.0f} tokens/s ({eager_s:.2f} s), compiled "
           f"{compiled_tok_s:,.0f} tokens/s ({compiled_s:.2f} s): {eager_s / compiled_s:.2f}x", flush=True)
@@ -85,21 +92,26 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     logger = CollectMetrics()
+    at_start = grpo.compiled_graph_count()
     grpo.train_with_grpo(model, tokenizer, examples, cfg, logger=logger, decoding=decoding)
     step, peak_gb = logger.steps[-1], peak_memory_gb(device)
-    new_graphs = grpo.compiled_graph_count() - graphs
+    new_graphs = grpo.compiled_graph_count() - at_start
     print(f"training step {step['step']}: {step['step_time']:.2f} s = rollout {step['rollout_time']:.2f} + reference "
           f"{step['reference_time']:.2f} + update {step['update_time']:.2f} s (+ the rest); "
-          f"{step['tokens_per_second']:,.0f} rollout tokens/s")
-    print(f"graphs compiled after start-up (0 expected): {new_graphs}")
+          f"{step['tokens_per_second']:,.0f} rollout tokens/s, rollouts {'compiled' if rollout.enabled else 'eager'}")
+    print(f"graphs compiled after start-up (0 expected): {new_graphs}; compiled decoding failures: "
+          f"{sum(d.failures for d in decoding.values())}")
     print(f"peak memory ({'CUDA allocated, training steps' if device.type == 'cuda' else 'process RSS, whole check'}): "
           f"{peak_gb:.2f} GB; memory_budget's estimate: {budget_gb:.2f} GB")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"check took {time.perf_counter() - started:.0f} s")
+    figures = rollout.figures
     print(f"GPUCHECK eager_tok_s={eager_tok_s:.0f} compiled_tok_s={compiled_tok_s:.0f} speedup={eager_s / compiled_s:.2f} "
+          f"eager_ms={figures['eager_ms']:.2f} compiled_ms={figures['compiled_ms']:.2f} "
+          f"rollout_decodes={'compiled' if rollout.enabled else 'eager'} "
           f"step_s={step['step_time']:.2f} rollout_s={step['rollout_time']:.2f} reference_s={step['reference_time']:.2f} "
           f"update_s={step['update_time']:.2f} peak_gb={peak_gb:.2f} budget_gb={budget_gb:.2f} "
-          f"compile_s={decoding.seconds:.1f} graphs={decoding.graphs + new_graphs} device={name.replace(' ', '_')}")
+          f"compile_s={figures['compile_seconds']:.1f} graphs={graphs + new_graphs} device={name.replace(' ', '_')}")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,29 @@ def test_checkpoint_keeps_this_gpus_random_state(monkeypatch):
     state.fill_(9)  # the GPU's generator moves on after the save
     grpo.restore_rng_state(saved)
     assert [s.tolist() for s in restored] == [[1, 2]]
+
+
+def test_a_flash_attention_model_decodes_compiled_with_grouped_query_attention(monkeypatch):
+    """A GPU box with flash-attn: the loss pass attends with flash_attention_2, and generation still compiles
+    whole. During the compiled generate() call (recorded) the model attends with grouped_query_attention, in
+    eval mode, under a CompileConfig asking for one full graph (transformers turns fullgraph off for any
+    attention named flash); afterwards it is back on flash_attention_2 and in train mode. Recorded, because
+    set_attn_implementation checks that flash-attn is installed, and it is not here."""
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.tiny_model(tokenizer).train()
+    monkeypatch.setattr(model, "set_attn_implementation",
+                        lambda name: setattr(model.config, "_attn_implementation", name))
+    model.set_attn_implementation("flash_attention_2")
+    seen = []
+
+    def generate(ids, attention_mask, **kwargs):
+        seen.append((model.config._attn_implementation, model.training, kwargs.get("compile_config"), len(ids)))
+        return torch.cat([ids, ids[:, -1:].expand(-1, kwargs["max_new_tokens"])], 1)
+    monkeypatch.setattr(model, "generate", generate)
+    decoding = grpo.CompiledDecoding(model, 4, 100)
+    prompts = [grpo.build_prompt(q, tokenizer) for q in ("Hi?", "How many pens?", "2 + 2?")]
+    out = grpo.generate_completions(model, tokenizer, prompts, 1.0, 5, decoding)
+    assert seen == [(grpo.DECODE_ATTENTION, False, decoding.compile_config, 4)]  # 3 rows padded to the compiled 4
+    assert "flash" not in grpo.DECODE_ATTENTION and decoding.compile_config.fullgraph
+    assert out["completion_ids"].shape[0] == 3
+    assert model.config._attn_implementation == "flash_attention_2" and model.training

@@ -136,10 +136,13 @@ def test_memory_budget_counts_the_loaded_model(bf16_model):
     base, longer = (grpo.memory_budget(bf16_model, grpo.Config(max_completion_length=n), 1, 50) for n in (400, 800))
     assert longer["activations"] > base["activations"] and longer["static_kv_cache"] > base["static_kv_cache"]
     # Compiled decoding (a GPU's default) keeps its two static caches for the whole run, resident beside the loss
-    # pass: 84 rollout and 64 evaluation rows of 50 + 512 tokens; eager decoding holds one cache while generating.
+    # pass, each as long as its purpose needs: 84 rollout rows of 50 + 400 tokens and 64 evaluation rows of the
+    # longest eval prompt (50, or 70 when given) + 512; eager decoding holds one cache while generating.
     eager = grpo.memory_budget(bf16_model, grpo.Config(compile_generation="false"), 1, 50)
     kv_per_token = 2 * 2 * 2 * 16 * 2  # K and V, 2 layers, 2 KV heads of 16 dimensions, bf16
-    assert base["static_kv_cache"] == kv_per_token * (84 + 64) * (50 + 512) and base["kv_cache"] == 0
+    assert base["static_kv_cache"] == kv_per_token * (84 * (50 + 400) + 64 * (50 + 512)) and base["kv_cache"] == 0
+    longer_eval = grpo.memory_budget(bf16_model, grpo.Config(), 1, 50, eval_prompt_tokens=70)
+    assert longer_eval["static_kv_cache"] - base["static_kv_cache"] == kv_per_token * 64 * 20
     assert eager["static_kv_cache"] == 0 and eager["kv_cache"] == kv_per_token * max(84 * (50 + 400), 64 * (50 + 512))
     assert base["peak"] - eager["peak"] == base["static_kv_cache"]  # the loss pass outweighs the eager cache here
     assert grpo.memory_budget(copy.deepcopy(bf16_model).float(), cfg, 1, 50)["master_weights"] == 0

@@ -75,10 +75,10 @@ def build_tokenizer(extra_corpus: list[str] = (), vocab_size: int = 400) -> PreT
 
 def tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
+    settings = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, **overrides}
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
+                         num_hidden_layers=layers, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **settings)
     return Qwen2ForCausalLM(config).float()
 
 
