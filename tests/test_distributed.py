@@ -260,7 +260,9 @@ def test_processes_give_the_gradient_of_one_process_on_the_whole_batch(processes
     for rank in ranks:
         for loss_type, check in rank["checks"].items():
             assert check["largest_gradient"] > 1e-3, loss_type  # a real gradient to compare
-            assert check["max_gradient_difference"] <= 1e-6 * check["largest_gradient"] + 1e-9, (loss_type, check)
+            # fp32 sums in another order differ by a few units in the last place (0.6e-6 of the largest
+            # gradient measured with 3 processes); a wrong weighting would be off by a third or more.
+            assert check["max_gradient_difference"] <= 1e-5 * check["largest_gradient"], (loss_type, check)
             assert check["loss"][0] == pytest.approx(check["loss"][1], rel=1e-5, abs=1e-8), loss_type
             for key, (got, want) in check["metrics"].items():
                 assert got == pytest.approx(want, rel=1e-5, abs=1e-8), (loss_type, key)

@@ -43,7 +43,7 @@ def tokenizer():
 # --------------------------------------------------------------------------------------------
 def test_generate_completions_shapes_and_masks(tokenizer):
     model = stopping_model(tokenizer)
-    prompts = prompts_of_varied_length(tokenizer) * 4  # 12 rows, 3 prompt lengths
+    prompts = prompts_of_varied_length(tokenizer) * 16  # 48 rows, 3 prompt lengths: stops and cuts are sure
     max_new = 12
     torch.manual_seed(0)
     out = grpo.generate_completions(model, tokenizer, prompts, temperature=1.0, max_new_tokens=max_new)
@@ -395,7 +395,7 @@ def test_mask_truncated_completions_leaves_cut_off_completions_out_of_the_loss(m
                         seen.append(mask.clone()) or real_update(policy, optimizer, cfg, ids, attention, mask, *rest))
     for masked in (True, False):
         seen.clear()
-        cfg = grpo.Config(num_steps=1, batch_size=2, num_generations=4, max_completion_length=12, micro_batch_size=8,
+        cfg = grpo.Config(num_steps=1, batch_size=4, num_generations=8, max_completion_length=12, micro_batch_size=8,
                           beta=0.0, report_to="none", mask_truncated_completions=masked, gradient_checkpointing=False)
         torch.manual_seed(0)
         grpo.train_with_grpo(stopping_model(tokenizer, stop_bias=(3.0, 3.0)).train(), tokenizer, train_examples(tokenizer), cfg,
