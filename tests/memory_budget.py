@@ -8,8 +8,8 @@ The model is Qwen2.5-1.5B-Instruct's architecture built from its config on the m
 weights, no memory, nothing downloaded) in bfloat16. Prompts are as long as the longest GSM8K
 train prompt through the Qwen2.5 chat template (measured from ../shared/data when it is present).
 The step is the tutorial's 7 x 12 = 84 completions whatever the GPU count, split over the
-processes. A cell says "fits" when the estimated peak is at most 90% of the card, else what the
-run's own start-up advice (memory_advice) would propose.
+processes. A cell says "fits" when the estimated peak is at most 90% of the card, else, of each kind
+of change (sharding, a smaller micro-batch, eager decoding, more GPUs), the first that fits.
 """
 import sys
 from dataclasses import replace
@@ -36,10 +36,29 @@ def longest_prompt() -> int:
     return max(grpo.prompt_lengths(grpo.load_gsm8k("train", tokenizer, local_file=str(train)), tokenizer))
 
 
+def advice(model, cfg, world_size: int, prompt_tokens: int, gpu_gb: float) -> str:
+    """What to change when the budget does not fit: of each kind of change, the first that fits."""
+    kinds = [[("--shard_optimizer True", replace(cfg, shard_optimizer=True), world_size)]
+             if world_size > 1 and not cfg.shard_optimizer else [],
+             [(f"--micro_batch_size {m}", replace(cfg, micro_batch_size=m), world_size)
+              for m in range(cfg.micro_batch_size - 1, 0, -1)],
+             [("--compile_generation false", replace(cfg, compile_generation="false"), world_size)]
+             if cfg.compile_generation != "false" else [],
+             [(f"{w} GPUs", replace(cfg, shard_optimizer=True), w) for w in (2, 4, 8, 16, 32, 64) if w > world_size]]
+    options = []
+    for changes in kinds:
+        for change, changed, world in changes:
+            peak = grpo.memory_budget(model, changed, world, prompt_tokens)
+            if grpo.expected_to_fit(peak, gpu_gb):
+                options.append(f"{change} (peak ~{peak['peak'] / 1e9:.1f} GB per GPU)")
+                break
+    return "; or ".join(options) or "no single change found"
+
+
 def cell(model, cfg, world_size, prompt_tokens, gpu_gb) -> str:
     if grpo.expected_to_fit(grpo.memory_budget(model, cfg, world_size, prompt_tokens), gpu_gb):
         return "fits"
-    return "no; " + grpo.memory_advice(model, cfg, world_size, prompt_tokens, gpu_gb).removeprefix("to fit: ")
+    return "no; " + advice(model, cfg, world_size, prompt_tokens, gpu_gb)
 
 
 def main():

@@ -468,7 +468,7 @@ def test_the_flag_its_devices_and_the_cache_length(tokenizer):
     model = tiny.tiny_model(tokenizer)
     for flag in ("auto", "false"):
         assert grpo.start_decoding(model, tokenizer, grpo.Config(compile_generation=flag), [], []) == {}
-    with pytest.raises(grpo.ConfigError, match=r"^--compile_generation must be auto, true or false \(got 'yes'\)$"):
+    with pytest.raises(grpo.ConfigError, match=r"^--compile_generation must be one of auto, true, false \(got 'yes'\)$"):
         grpo.validate_config(grpo.Config(compile_generation="yes"))
     on_gpu = grpo.CompiledDecoding(types.SimpleNamespace(device=torch.device("cuda"), config=model.config), 4, 100)
     config = on_gpu.compile_config

@@ -239,7 +239,7 @@ SAME_BATCH_CHECK = textwrap.dedent("""
                           "dropped_groups": sampled["dropped_groups"], "completions": sampled["rollout"]["completions"],
                           "draws": [[int(i) for i in grpo.prompt_indices(40, 1, 3, 5)]]
                                    + [grpo.extra_prompt_indices(40, 2, call, 3, 5) for call in (1, 2, 3)]}},
-              "checks": {{loss_type: check(loss_type) for loss_type in grpo.LOSS_TYPES}}}}
+              "checks": {{loss_type: check(loss_type) for loss_type in tiny.choices("loss_type")}}}}
     with open(sys.argv[1] + f"/rank{{rank}}.json", "w") as handle:
         json.dump(result, handle)
     torch.distributed.destroy_process_group()

@@ -24,7 +24,7 @@ def rollout_batch(tokenizer, model, seed=0):
     return input_ids, attention_mask, completion_mask, rollout["completion_ids"].shape[1], advantages
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", tiny.choices("loss_type"))
 def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     tokenizer = tiny.build_tokenizer()
     base = tiny.tiny_model(tokenizer)

@@ -257,9 +257,10 @@ not_callable = 3
 
 
 @pytest.mark.parametrize("entry,expected", [
-    ("nowhere.py:fn", "--reward_funcs {folder}/nowhere.py: no such file"),
-    ("rewards.py:missing", "--reward_funcs {folder}/rewards.py:missing: {folder}/rewards.py defines no 'missing'"),
-    ("rewards.py:not_callable", "--reward_funcs {folder}/rewards.py:not_callable: 'not_callable' is a int, not a function"),
+    ("nowhere.py:fn", "--reward_funcs {folder}/nowhere.py:fn: '{folder}/nowhere.py' is not an existing .py file"),
+    ("rewards.py:missing", "--reward_funcs {folder}/rewards.py:missing: {folder}/rewards.py defines no function 'missing'"),
+    ("rewards.py:not_callable",
+     "--reward_funcs {folder}/rewards.py:not_callable: {folder}/rewards.py defines no function 'not_callable'"),
     ("broken.py:fn", "--reward_funcs {folder}/broken.py: importing it raised NameError: name 'undefined_name' is not defined"),
 ], ids=["no-file", "no-function", "not-callable", "import-fails"])
 def test_reward_file_refused_before_the_model_loads(entry, expected, inputs, tmp_path, capsys, no_model_load):
@@ -275,14 +276,15 @@ def test_reward_file_refused_before_the_model_loads(entry, expected, inputs, tmp
     ("words", "error: reward function words (--reward_funcs): value 0 is 'good' (a str), not a real number"),
 ], ids=["wrong-count", "not-a-number"])
 def test_bad_reward_return_stops_the_run_in_one_line(func, expected, inputs, tmp_path):
-    """Checked at the first call (in the first rollout): exit 2, the one line naming the function, no traceback,
-    and what the run had written (its config and the evaluation before training) is kept."""
+    """Checked at the first call (in the first rollout): exit 2, the one line naming the function, last on the
+    screen, no traceback, and what the run had written (its config and the evaluation before training) is kept."""
     (tmp_path / "rewards.py").write_text(BAD_REWARD_FILE)
     result = run_script(tiny.run_args(inputs, tmp_path / "out", reward_funcs=f"format,{tmp_path}/rewards.py:{func}"),
                         tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line.split("\r")[-1] for line in result.stderr.splitlines()]  # after the progress bar's carriage returns
     assert [line for line in lines if line.startswith("error")] == [expected]
+    assert result.stderr.rstrip().endswith(expected)  # the last thing on the screen: no progress bar drawn after it
     assert "Traceback" not in result.stderr
     run_dir = tmp_path / "out" / "tiny"
     assert (run_dir / "config.json").is_file() and len(grpo.read_jsonl(run_dir / "eval_before.jsonl")) == 8
@@ -696,7 +698,7 @@ def test_interrupt_saves_checkpoint_prints_resume_command(signum, inputs, tmp_pa
 # %% Degenerate data inside a run
 def test_equal_rewards_give_zero_advantage_and_finite_loss():
     rewards = torch.tensor([1.5, 1.5, 1.5, 1.5, 0.0, 2.0, 0.0, 2.0])
-    for scale in (True, False):
+    for scale in tiny.choices("scale_rewards"):
         advantages = grpo.compute_group_advantages(rewards, 4, scale_rewards=scale)
         assert torch.equal(advantages[:4], torch.zeros(4))
         assert torch.isfinite(advantages).all() and (advantages[4:] != 0).all()
@@ -704,7 +706,7 @@ def test_equal_rewards_give_zero_advantage_and_finite_loss():
     ref = log_probs.detach() + 0.1 * torch.randn(8, 5)
     mask = torch.ones(8, 5, dtype=torch.int)
     mask[0, 1:] = 0  # an empty completion: only its stop token
-    for loss_type in grpo.LOSS_TYPES:
+    for loss_type in tiny.choices("loss_type"):
         loss, metrics = grpo.grpo_loss(log_probs, None, ref, torch.zeros(8), mask, epsilon=0.2, beta=0.04,
                                        loss_type=loss_type, max_completion_length=5)
         loss.backward()

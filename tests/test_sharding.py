@@ -158,20 +158,23 @@ def test_memory_report_says_whether_it_fits_and_what_to_change(bf16_model):
         "weights": 3.1, "master_weights": 6.2, "optimizer_state": 12.3, "reference_model": 3.1, "gradients": 9.3,
         "static_kv_cache": 0.0, "activations": 4.3, "kv_cache": 1.4, "peak": 38.2}.items()}
     assert grpo.memory_report(budget, 80.0).endswith("80 GB GPUs: expected to fit")
-    assert grpo.memory_report(budget, 24.0).endswith("24 GB GPUs: expected NOT to fit")
+    assert grpo.memory_report(budget, 24.0).endswith("24 GB GPUs: expected NOT to fit; lower --micro_batch_size, "
+                                                    "use --compile_generation false or more GPUs (README: Memory per GPU)")
     assert grpo.memory_report(budget, None).endswith("peak 38.20")
     static = {**budget, "static_kv_cache": budget["kv_cache"], "kv_cache": 0}  # compiled decoding's caches are resident
     assert "reference model 3.10 + static kv cache 1.40 resident; then the loss pass (gradients 9.30" in grpo.memory_report(static, None)
-    # Advice: each option is a change whose own budget fits, with its peak. The tiny model's budget in GB:
+    # README's table (tests/memory_budget.py): of each kind of change, the first whose own budget fits, with its
+    # peak. The tiny model's budget in GB:
+    import memory_budget
     gb = lambda cfg, world: grpo.memory_budget(bf16_model, cfg, world, 50)["peak"] / 1e9  # noqa: E731
     cfg = grpo.Config(max_completion_length=4000, eval_max_new_tokens=64)  # activations dominate the peak
     card = gb(dataclasses.replace(cfg, micro_batch_size=6), 1) / 0.9 + 1e-9  # a card that fits micro-batches of 6, not 7
-    advice = grpo.memory_advice(bf16_model, cfg, 1, 50, card)
-    assert advice.startswith("to fit: --micro_batch_size 6 (peak ~") and "GPUs (peak ~" in advice
+    advice = memory_budget.advice(bf16_model, cfg, 1, 50, card)
+    assert advice.startswith("--micro_batch_size 6 (peak ~") and "GPUs (peak ~" in advice
     unsharded = grpo.Config(shard_optimizer=False, max_completion_length=8, eval_max_new_tokens=8, micro_batch_size=1)
     card = gb(dataclasses.replace(unsharded, shard_optimizer=True), 4) / 0.9 + 1e-9  # optimizer state dominates
-    assert grpo.memory_advice(bf16_model, unsharded, 4, 50, card).startswith("to fit: --shard_optimizer True (peak ~")
-    assert "no single change" in grpo.memory_advice(bf16_model, cfg, 1, 50, 1e-6)
+    assert memory_budget.advice(bf16_model, unsharded, 4, 50, card).startswith("--shard_optimizer True (peak ~")
+    assert memory_budget.advice(bf16_model, cfg, 1, 50, 1e-6) == "no single change found"
 
 
 def test_run_prints_the_budget_before_evaluating(tmp_path, capsys):

@@ -12,6 +12,7 @@
 import json
 import random
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -117,6 +118,11 @@ class RecordingLogger:
 
     def log_eval(self, record):
         self.evaluations.append(record)
+
+
+def choices(flag: str) -> tuple:
+    """The values a Literal field of grpo.Config allows, e.g. choices("loss_type")."""
+    return typing.get_args(grpo.Config.__annotations__[flag])
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
