@@ -2062,7 +2062,8 @@ def parameter_checksum(model: nn.Module) -> str:
 # Stopping cleanly: SIGINT or SIGTERM lets the current step finish, then every process saves its
 # part of one checkpoint and the run exits 130; a second signal aborts at once (saves are atomic:
 # the last checkpoint stays intact). The launcher's processes run in sessions of their own: Ctrl-C
-# reaches the launcher only, which asks them to stop through the file named by STOP_FILE_ENV.
+# reaches the launcher only, which asks them to stop through the file named by STOP_FILE_ENV; its
+# SIGTERM means stop now (another process failed), so they leave it to its default: exit at once.
 STOP_FILE_ENV = "GRPO_STOP_FILE"
 STOP_SIGNALS: list[str] = []  # filled by the signal handler; checked after every step
 
@@ -2083,7 +2084,9 @@ def stop_after_step():
         if is_main_process() and STOP_FILE_ENV not in os.environ:  # else the launcher said it
             tqdm.write(f"{STOP_SIGNALS[0]}: stopping after this step and saving a checkpoint "
                        f"(Ctrl-C again aborts now)")
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    launched = STOP_FILE_ENV in os.environ
+    signals = (signal.SIGINT,) if launched else (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:

@@ -390,6 +390,30 @@ def test_a_killed_process_ends_the_whole_run_within_seconds(inputs, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("launched", [True, False])
+def test_sigterm_stops_a_launched_process_at_once_and_a_lone_one_after_its_step(launched, tmp_path):
+    """The launcher's SIGTERM means another process failed: its processes exit at once, before a
+    collective's error could put a second line beside the launcher's. Alone (or under torchrun)
+    SIGTERM is a scheduler's: the step finishes and the stop is recorded."""
+    code = textwrap.dedent("""
+        import os, signal, time, grpo_from_scratch as grpo
+        with grpo.stop_after_step():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        print(grpo.STOP_SIGNALS)
+    """)
+    env = subprocess_env(tmp_path)
+    env.pop(grpo.STOP_FILE_ENV, None)
+    if launched:
+        env[grpo.STOP_FILE_ENV] = str(tmp_path / "stop")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    if launched:
+        assert done.returncode == -signal.SIGTERM and done.stdout == "", done.stderr[-2000:]
+    else:
+        assert done.returncode == 0 and done.stdout.endswith("\n['SIGTERM']\n"), done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("how", ["SIGINT to the process group", "SIGTERM to the launcher"])
 def test_interrupt_stops_every_process_after_its_step(how, inputs, tmp_path):
     """Ctrl-C in a terminal sends SIGINT to the whole foreground process group; a scheduler sends SIGTERM to the
