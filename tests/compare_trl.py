@@ -5,7 +5,7 @@ TRL is not a dependency of this project; install it in an environment of its own
     python3 -m venv .venv-trl
     .venv-trl/bin/pip install torch==2.13.0        # the CPU wheel first, or pip pulls a multi-GB CUDA build
     .venv-trl/bin/pip install -r requirements.txt trl
-    .venv-trl/bin/python tests/compare_trl.py                  # 160 steps each (README's figures)
+    .venv-trl/bin/python tests/compare_trl.py --steps 160      # README's figures
     .venv-trl/bin/python tests/compare_trl.py --warm_start DIR --steps 20   # keep the warm start; fewer steps
 
 The default run took about 6 minutes on 2 CPU cores, 42 s of it building the warm start (with the learning test's

@@ -88,3 +88,20 @@ def test_readme_memory_table_is_what_the_script_prints():
     assert result.returncode == 0, result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(table) >= 6 and "\n".join(table) in README
+
+
+def test_readme_learning_margins_are_what_the_script_prints():
+    """README's table of learning-test figures over seeds, CPU kernel paths and releases, and the
+    bounds' distances, are the output of the summary command it gives, on the measurements committed
+    in tests/assets, with the test's current bounds."""
+    import subprocess
+    import sys
+    command = "python tests/learning_margins.py --summary tests/assets/learning_margins.jsonl"
+    assert command in readme_commands("python tests/learning_margins.py")
+    result = subprocess.run([sys.executable, *command.split()[1:]], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    claims = [line for line in result.stdout.splitlines() if line.startswith("- ")]
+    assert len(table) >= 14 and len(claims) == 6, result.stdout
+    assert "\n".join(table) in README and "\n".join(claims) in README
