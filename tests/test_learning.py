@@ -82,9 +82,9 @@ GRPO_CONFIG = dict(num_steps=100, batch_size=16, num_generations=8, max_completi
 CONTROL_SHUFFLES = 1  # its control ends far below the warm start (README): one shuffle is enough
 
 # Variants of phase 2 and 3, from the same warm start, with fewer steps (both gain 0.37-0.67 by step 30
-# over the measured seeds and kernel paths), evaluated every 5 steps. GSPO takes the README recipe's clip ranges and two
-# updates per rollout batch. After 30 steps a control is still near the warm start, so each variant's
-# control verdict is on the mean of two shuffles.
+# over the measured seeds and kernel paths), evaluated every 5 steps. GSPO takes the README recipe's
+# clip ranges and two updates per rollout batch. After 30 steps a control is still near the warm start,
+# so each variant's control verdict is on the mean of two shuffles.
 VARIANTS = {"gspo_mu2": dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, mu=2),
             "dynamic_sampling": dict(dynamic_sampling=True)}
 VARIANT_CONFIG = dict(GRPO_CONFIG, num_steps=30, eval_steps=5)
