@@ -302,6 +302,7 @@ def format_reward(completions: list[str], answers: list[str] | None = None) -> l
 
 
 def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """correctness + format, the tutorial's single reward, for code that wants one function."""
     pairs = zip(correctness_reward(completions, answers), format_reward(completions))
     return [correct + formatted for correct, formatted in pairs]
 
